@@ -1,0 +1,2 @@
+class AnalysisError(Exception):
+    """Bad selection or options; the message is one line."""

@@ -1,0 +1,146 @@
+"""The comparison plots (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.compute import Results  # noqa: E402
+
+COLORS = {"mean": "tab:blue", "sum": "tab:orange", "token_mean": "tab:green", "seq_mean": "tab:red"}
+
+
+def _color(mode: str) -> str:
+    return COLORS.get(mode, "tab:gray")
+
+
+def _suffix(res: Results) -> str:
+    return "" if res.paired else " (UNPAIRED runs)"
+
+
+def _xaxis(ax, res: Results) -> None:
+    ax.set_xticks(range(len(res.labels)), res.labels, rotation=30)
+    ax.set_xlabel(f"validation {res.options.bucket_by} bucket (tokens)")
+
+
+def loss_by_bucket(res: Results, path: Path) -> None:
+    final = res.bucket_losses[res.bucket_losses.step == res.final_step]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, column, title in zip(axes, ["token_loss", "example_loss"], ["token-weighted", "example-weighted"]):
+        for mode, part in final.groupby("reduce_loss"):
+            ax.plot(part.bucket, part[column], "o-", color=_color(mode), label=mode)
+        ax.set_title(f"{title} validation loss")
+        _xaxis(ax, res)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("NLL (nats / token)")
+    axes[0].legend(title="reduce_loss")
+    fig.suptitle(f"Validation loss by length bucket at step {res.final_step}{_suffix(res)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def paired_difference(res: Results, path: Path) -> None:
+    final = res.paired_diff[res.paired_diff.step == res.final_step]
+    modes = sorted(final.reduce_loss.unique())
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        part = final[final.reduce_loss == mode]
+        err = np.vstack([part["diff"] - part.ci_low, part.ci_high - part["diff"]])
+        ax.errorbar(part.bucket, part["diff"], yerr=err, fmt="o", capsize=4, color=_color(mode),
+                    label=f"mean difference, {int(res.options.confidence * 100)}% bootstrap CI")
+        ax.axhline(0, color="black", lw=1)
+        ax.set_title(f"{mode} − {res.options.reference}")
+        _xaxis(ax, res)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("paired Δ per-example loss (nats / token)")
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"Paired difference against {res.options.reference} at step {res.final_step}{_suffix(res)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(res: Results, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted(res.curves.seed.unique())
+    for (mode, seed), part in res.curves.sort_values("step").groupby(["reduce_loss", "seed"]):
+        ax.plot(part.step, part.value, styles[seeds.index(seed) % 4], color=_color(mode), lw=1,
+                label=f"{mode}, seed {seed}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss: token-mean NLL of the step (nats)")
+    ax.set_title(f"Training loss{_suffix(res)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_over_steps(res: Results, path: Path) -> None:
+    n = len(res.labels)
+    cols = min(n, 3)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, squeeze=False)
+    for b, ax in enumerate(axes.flat):
+        if b >= n:
+            ax.axis("off")
+            continue
+        part = res.bucket_losses[res.bucket_losses.bucket == b]
+        for mode, p in part.groupby("reduce_loss"):
+            ax.plot(p.step, p.token_loss, "o-", color=_color(mode), label=mode, ms=3)
+        ax.set_title(f"{res.options.bucket_by} {res.labels[b]}")
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val NLL (nats / token)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Token-weighted validation loss per bucket over training{_suffix(res)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gradient_share(res: Results, path: Path) -> None:
+    share = res.grad_share
+    modes = sorted(share.reduce_loss.unique())
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(modes), 1)
+    for i, mode in enumerate(modes):
+        part = share[share.reduce_loss == mode]
+        ax.bar(part.bucket + (i - (len(modes) - 1) / 2) * width, 100 * part.share, width, color=_color(mode), label=mode)
+    _xaxis(ax, res)
+    ax.set_xlabel(f"training-example {res.options.bucket_by} bucket (tokens)")
+    ax.set_ylabel("share of total gradient weight (%)")
+    ax.set_title(f"Where each reduction puts its gradient weight during training{_suffix(res)}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(title="reduce_loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {
+    "val_loss_by_bucket.png": loss_by_bucket,
+    "paired_difference.png": paired_difference,
+    "train_loss.png": training_curves,
+    "val_loss_by_bucket_over_steps.png": loss_over_steps,
+    "gradient_weight_share.png": gradient_share,
+}
+
+
+def draw_all(res: Results, out: Path) -> list[str]:
+    drawn = []
+    for name, draw in PLOTS.items():
+        if name == "gradient_weight_share.png" and res.grad_share.empty:
+            continue
+        draw(res, out / name)
+        drawn.append(name)
+    return drawn

@@ -1,0 +1,39 @@
+"""`python -m harness [overrides]`: train one run, or a sweep with -m."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from harness.preflight import CONF_DIR, CONFIG_NAME, main_or_exit
+from harness.tracking import parent_run_id
+from harness.train import train
+
+log = logging.getLogger("harness")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
+def app(cfg: DictConfig):
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return train(cfg, Path(hc.runtime.output_dir))
+    try:
+        return train(cfg, Path(hc.runtime.output_dir), parent_run_id(Path(hc.sweep.dir)))
+    except Exception as e:  # the run is marked FAILED in MLflow; the sweep goes on
+        log.exception("job %s failed", hc.job.num)
+        return {"failed": f"{type(e).__name__}: {e}"}
+
+
+def main() -> None:
+    main_or_exit(sys.argv[1:])
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Lay examples out as tensors: one padded row per example, or packed rows.
+
+Every token carries `seq_index`, the position of its example in `MicroBatch.examples`
+(-1 for padding), so losses can be attributed to examples in either layout. Attention
+masks are not passed: rows are right-padded, so causal attention never reaches padding,
+and in packed rows the position ids restart at every example, from which transformers
+builds a block-diagonal (document) causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.chat_format import IGNORE
+from harness.data import Example
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [rows, length]
+    targets: torch.Tensor  # [rows, length], IGNORE where no loss
+    position_ids: torch.Tensor  # [rows, length]
+    seq_index: torch.Tensor  # [rows, length], -1 for padding
+    seq_target_tokens: torch.Tensor  # [rows, length], n_i of the token's example, 0 on padding
+    examples: list[Example]
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.targets != IGNORE
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
+                          move(self.seq_index), move(self.seq_target_tokens), self.examples)
+
+
+def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int) -> MicroBatch:
+    length = max(sum(examples[i].seq_len for i in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    targets = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    seq_index = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ex = examples[i]
+            n = ex.seq_len
+            input_ids[r, at : at + n] = torch.tensor(ex.input_ids)
+            targets[r, at : at + n] = torch.tensor(ex.targets)
+            position_ids[r, at : at + n] = torch.arange(n)
+            seq_index[r, at : at + n] = i
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)  # padding: a segment of its own
+    n_i = torch.tensor([0] + [e.target_tokens for e in examples])
+    return MicroBatch(input_ids, targets, position_ids, seq_index, n_i[seq_index + 1], examples)
+
+
+def pad(examples: list[Example], pad_id: int) -> MicroBatch:
+    return _rows_to_batch([[i] for i in range(len(examples))], examples, pad_id)
+
+
+def pack(examples: list[Example], row_length: int, pad_id: int) -> MicroBatch:
+    """First-fit packing in the given order; no example is split across rows."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, ex in enumerate(examples):
+        if ex.seq_len > row_length:
+            raise ValueError(f"example {ex.example_id} has {ex.seq_len} tokens, more than the row length {row_length}")
+        for r, free in enumerate(room):
+            if ex.seq_len <= free:
+                rows[r].append(i)
+                room[r] -= ex.seq_len
+                break
+        else:
+            rows.append([i])
+            room.append(row_length - ex.seq_len)
+    return _rows_to_batch(rows, examples, pad_id)
+
+
+def collate(examples: list[Example], pad_id: int, packing: bool, row_length: int) -> MicroBatch:
+    return pack(examples, row_length, pad_id) if packing else pad(examples, pad_id)

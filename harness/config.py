@@ -1,0 +1,80 @@
+"""Checks on a composed config, each failing with one line that names the bad value."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.distributed import world_from_env
+from harness.reduction import MODES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+def _int(key: str, value, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def _positive(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key}={value!r} must be a number > 0")
+
+
+def validate(cfg: DictConfig) -> None:
+    _choice("reduce_loss", cfg.reduce_loss, MODES)
+    _int("seed", cfg.seed, minimum=None)
+    _positive("loss_scale", cfg.loss_scale)
+
+    t = cfg.trainer
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
+        _int(f"trainer.{key}", t[key])
+    _int("trainer.warmup_steps", t.warmup_steps, minimum=0)
+    _positive("trainer.lr", t.lr)
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    world = world_from_env().size
+    chunks = t.grad_accum * world
+    if t.batch_size < chunks:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} leaves a rank without data: it must be at least "
+            f"grad_accum*world_size={t.grad_accum}*{world}={chunks}"
+        )
+    if t.batch_size % chunks:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} must be a multiple of grad_accum*world_size={chunks}"
+        )
+
+    d = cfg.data
+    _int("data.max_seq_len", d.max_seq_len)
+    _choice("data.truncation", d.truncation, ("truncate", "drop"))
+    if d.packing:
+        _int("data.pack_length", d.pack_length)
+        if d.pack_length < d.max_seq_len:
+            raise ConfigError(
+                f"data.pack_length={d.pack_length} is shorter than data.max_seq_len={d.max_seq_len}; "
+                "a packed row must hold the longest example"
+            )
+    if d.kind == "hf" and d.get("path") in (None, "???"):
+        raise ConfigError("data.path is not set; give a Hub name or json/parquet/csv with data.data_files")
+
+    m = cfg.model
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
+    if m.kind == "hf":
+        _choice("model.init", m.init, ("pretrained", "random"))
+        if OmegaConf.is_missing(m, "name_or_path"):
+            raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def pair_key(cfg: DictConfig) -> dict:
+    """The resolved config without `reduce_loss`: runs with equal keys form a pair."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("reduce_loss")
+    return container

@@ -1,0 +1,185 @@
+"""Load a chat data set, apply the chat template, and keep loss only on assistant tokens.
+
+Two sources: the embedded synthetic set (`data.kind=synthetic`) and anything
+`datasets.load_dataset` reads (`data.kind=hf`: a Hub name, or json/parquet/csv files).
+Both go through the same tokenisation, which `datasets` caches for file and Hub sources.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import datasets
+from omegaconf import OmegaConf
+
+from harness import synthetic_chat
+from harness.chat_format import IGNORE, ConversationError, encode_truncated, normalize_messages
+
+log = logging.getLogger(__name__)
+TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
+
+
+class DataError(ValueError):
+    """Bad data input (says what and where)."""
+
+
+@dataclass
+class Example:
+    example_id: str
+    input_ids: list[int]
+    targets: list[int]  # targets[t] is the label of token t+1; IGNORE where no loss
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids)
+
+    @cached_property
+    def target_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    val: list[Example]
+    counts: dict[str, int] = field(default_factory=dict)  # truncated / dropped, per reason
+    cache_reused: bool = False
+
+
+def _to_example(example_id: str, input_ids: list[int], labels: list[int]) -> Example:
+    return Example(example_id, list(input_ids), list(labels[1:]) + [IGNORE])
+
+
+def _role_names(cfg) -> dict[str, str]:
+    return dict(cfg.get("role_names") or {"system": "system", "user": "user", "assistant": "assistant"})
+
+
+def _load_raw(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The raw train and validation conversations, each row with `example_id` and `messages`."""
+    if cfg.kind == "synthetic":
+        rows = synthetic_chat.generate(cfg.num_train + cfg.num_val, cfg.seed)
+        ds = datasets.Dataset.from_list(rows)
+        return ds.select(range(cfg.num_train)), ds.select(range(cfg.num_train, len(ds)))
+    return _load_hf(cfg)
+
+
+def _load_hf(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
+    data_files = OmegaConf.to_container(cfg.data_files) if OmegaConf.is_config(cfg.data_files) else cfg.data_files
+    for f in [data_files] if isinstance(data_files, str) else (data_files or []):
+        if isinstance(f, str) and "://" not in f and not glob.glob(f):
+            raise DataError(f"data.data_files: no such file {f!r}")
+    try:
+        ds = datasets.load_dataset(cfg.path, name=cfg.get("name"), data_files=data_files)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(f"data.path={cfg.path!r}: {str(e).splitlines()[0]}") from e
+    if cfg.split not in ds:
+        raise DataError(f"data.split={cfg.split!r} not found; splits: {', '.join(ds)}")
+    train = ds[cfg.split]
+    column = cfg.messages_column
+    if column not in train.column_names:
+        raise DataError(
+            f"data.messages_column={column!r} not found in {cfg.path}; columns: {', '.join(train.column_names)}"
+        )
+    id_column = cfg.get("id_column")
+    if id_column and id_column not in train.column_names:
+        raise DataError(f"data.id_column={id_column!r} not found; columns: {', '.join(train.column_names)}")
+
+    def with_ids(split: datasets.Dataset, split_name: str) -> datasets.Dataset:
+        ids = [str(x) for x in split[id_column]] if id_column else [f"{split_name}-{i:08d}" for i in range(len(split))]
+        keep = [c for c in split.column_names if c != column]
+        split = split.remove_columns(keep).add_column("example_id", ids)
+        return split.rename_column(column, "messages") if column != "messages" else split
+
+    if cfg.get("max_examples"):
+        train = train.select(range(min(cfg.max_examples, len(train))))
+    train = with_ids(train, cfg.split)
+    if cfg.get("val_split"):
+        if cfg.val_split not in ds:
+            raise DataError(f"data.val_split={cfg.val_split!r} not found; splits: {', '.join(ds)}")
+        val = with_ids(ds[cfg.val_split], cfg.val_split)
+    else:
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
+        train, val = parts["train"], parts["test"]
+    return train, val
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    state = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else str(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((state + str(tokenizer.chat_template)).encode()).hexdigest()[:16]
+
+
+def _cache_key(cfg, tokenizer, split_name: str) -> str:
+    relevant = {k: cfg.get(k) for k in ("path", "name", "data_files", "split", "val_split", "val_fraction",
+                                        "seed", "max_examples", "messages_column", "id_column",
+                                        "max_seq_len", "truncation")}
+    relevant["role_names"] = _role_names(cfg)
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(relevant), resolve=True), sort_keys=True)
+    blob += _tokenizer_fingerprint(tokenizer) + TOKENISATION_VERSION + split_name
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _tokenize(split: datasets.Dataset, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, bool]:
+    role_names = _role_names(cfg)
+
+    def encode_rows(batch, indices):
+        out = {"input_ids": [], "labels": [], "status": []}
+        for idx, messages in zip(indices, batch["messages"]):
+            where = f"{split_name} example {idx}"
+            try:
+                messages = normalize_messages(messages, role_names, where)
+                enc = encode_truncated(tokenizer, messages, cfg.max_seq_len, cfg.truncation)
+            except ConversationError as e:
+                raise DataError(str(e)) from None
+            if enc is None:
+                n_tokens = len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+                status = "dropped_too_long" if n_tokens > cfg.max_seq_len and cfg.truncation == "drop" else "dropped_no_target"
+                out["input_ids"].append([]), out["labels"].append([]), out["status"].append(status)
+            else:
+                out["input_ids"].append(enc.input_ids)
+                out["labels"].append(enc.labels)
+                out["status"].append("truncated" if enc.truncated else "ok")
+        return out
+
+    kwargs = dict(batched=True, with_indices=True, remove_columns=["messages"], desc=f"tokenising {split_name}")
+    reused = False
+    if cfg.kind != "synthetic":
+        cache_dir = os.path.expanduser(cfg.cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(cache_dir, f"tokenized-{_cache_key(cfg, tokenizer, split_name)}.arrow")
+        reused = bool(glob.glob(cache_file[: -len(".arrow")] + "*.arrow"))
+        kwargs.update(cache_file_name=cache_file, load_from_cache_file=True, num_proc=cfg.get("num_proc") or None)
+    return split.map(encode_rows, **kwargs), reused
+
+
+def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: str) -> list[Example]:
+    examples = []
+    for row in tokenized:
+        status = row["status"]
+        if status != "ok":
+            counts[f"{split_name}/{status}"] = counts.get(f"{split_name}/{status}", 0) + 1
+        if not status.startswith("dropped"):
+            examples.append(_to_example(row["example_id"], row["input_ids"], row["labels"]))
+    return examples
+
+
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Tokenised train and validation examples of the data config `cfg` (the `data` group)."""
+    train_raw, val_raw = _load_raw(cfg)
+    counts: dict[str, int] = {}
+    train_tok, reused_train = _tokenize(train_raw, "train", cfg, tokenizer)
+    val_tok, reused_val = _tokenize(val_raw, "validation", cfg, tokenizer)
+    train, val = _examples(train_tok, counts, "train"), _examples(val_tok, counts, "validation")
+    if counts:
+        log.info("length policy %s at max_seq_len=%d: %s", cfg.truncation, cfg.max_seq_len,
+                 ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if not train:
+        raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
+    if not val:
+        raise DataError(f"data: every validation example was dropped ({counts})")
+    return PreparedData(train, val, counts, cache_reused=reused_train and reused_val)

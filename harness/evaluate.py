@@ -1,0 +1,41 @@
+"""Validation loss of every example."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from harness.batching import collate
+from harness.distributed import World, gather_to_main
+from harness.losses import per_example_sums, token_nll
+
+COLUMNS = ["example_id", "seq_len", "target_tokens", "loss_sum", "loss_mean"]
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, row_length: int,
+             device: torch.device, world: World) -> pd.DataFrame | None:
+    """One row per validation example (on rank 0; None elsewhere). Each rank evaluates every
+    W-th example, so together they cover every example exactly once."""
+    was_training = model.training
+    model.eval()
+    mine = sorted(examples[world.rank :: world.size], key=lambda e: e.seq_len)  # less padding
+    rows = []
+    for start in range(0, len(mine), batch_size):
+        batch = collate(mine[start : start + batch_size], pad_id, packing, row_length).to(device)
+        sums = per_example_sums(token_nll(model, batch), batch).double().cpu().tolist()
+        rows += [(e.example_id, e.seq_len, e.target_tokens, s) for e, s in zip(batch.examples, sums)]
+    model.train(was_training)
+    gathered = gather_to_main(rows, world)
+    if not world.is_main:
+        return None
+    df = pd.DataFrame([r for part in gathered for r in part], columns=COLUMNS[:4])
+    df["loss_mean"] = df.loss_sum / df.target_tokens
+    return df.sort_values("example_id", ignore_index=True)
+
+
+def summary(df: pd.DataFrame) -> dict[str, float]:
+    return {
+        "val/token_loss": float(df.loss_sum.sum() / df.target_tokens.sum()),
+        "val/seq_loss": float(df.loss_mean.mean()),
+    }

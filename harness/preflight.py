@@ -1,0 +1,86 @@
+"""Check the command line before Hydra starts: every job of a sweep is composed and checked,
+and its model and data sources are opened, so bad input fails in one line before any
+training and before any MLflow run exists."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+
+from harness.chat_format import ConversationError
+from harness.config import ConfigError, validate
+from harness.data import DataError, prepare_data
+from harness.model import ModelError, load_tokenizer
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "train"
+USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
+
+
+class InputError(Exception):
+    pass
+
+
+def job_overrides(argv: list[str]) -> list[list[str]] | None:
+    """The overrides of every job the command line asks for; None for help-like flags."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as e:
+        raise InputError(str(e).splitlines()[0]) from None
+    parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    if not args.multirun:
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweeps:
+            raise InputError(f"{sweeps[0]} is a sweep; add -m (--multirun) to run one job per value")
+        return [[o.input_line for o in parsed]]
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _missing_config_message(e: MissingConfigException, overrides: list[str]) -> str:
+    group = (e.missing_cfg_file or "").rsplit("/", 1)[0] if e.missing_cfg_file else ""
+    chosen = next((o for o in overrides if o.lstrip("+").split("=")[0] == group), e.missing_cfg_file)
+    if e.options:
+        return f"{chosen} is not a known option; choose one of: {', '.join(sorted(e.options))}"
+    return str(e).splitlines()[0]
+
+
+def check_command_line(argv: list[str]) -> None:
+    jobs = job_overrides(argv)
+    if jobs is None:
+        return
+    opened: set[str] = set()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for overrides in jobs:
+            try:
+                cfg = compose(CONFIG_NAME, overrides=overrides)
+            except MissingConfigException as e:
+                raise InputError(_missing_config_message(e, overrides)) from None
+            except HydraException as e:
+                raise InputError(" ".join(str(e).split())[:300]) from None
+            try:
+                validate(cfg)
+                key = str((cfg.model, cfg.data))
+                if key not in opened:  # each distinct model and data source once
+                    opened.add(key)
+                    tokenizer = load_tokenizer(cfg.model)
+                    if cfg.data.kind != "synthetic":
+                        prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
+            except USER_ERRORS as e:
+                raise InputError(str(e)) from None
+
+
+def main_or_exit(argv: list[str]) -> None:
+    try:
+        check_command_line(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

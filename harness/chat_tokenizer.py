@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -36,6 +36,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     # BPE without merges splits any text into single characters.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()  # characters join without spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,

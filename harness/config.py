@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import SchedulerType
 
 from harness.distributed import world_from_env
 from harness.reduction import MODES
@@ -40,6 +41,8 @@ def validate(cfg: DictConfig) -> None:
     _int("trainer.warmup_steps", t.warmup_steps, minimum=0)
     _positive("trainer.lr", t.lr)
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.precision", t.precision, ("fp32", "bf16-mixed"))
+    _choice("trainer.scheduler", t.scheduler, [s.value for s in SchedulerType])
     world = world_from_env().size
     chunks = t.grad_accum * world
     if t.batch_size < chunks:

@@ -11,7 +11,7 @@ from harness.chat_format import IGNORE
 
 def token_nll(model, batch: MicroBatch) -> torch.Tensor:
     """NLL of every token's target, shape [rows, length]; 0 where there is no target."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     nll = F.cross_entropy(
         logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
     )

@@ -28,12 +28,18 @@ class InputError(Exception):
 
 
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
-    """The overrides of every job the command line asks for; None for help-like flags."""
+    """The overrides of every job the command line asks for; None for help-like flags.
+
+    Sweeps come from the command line and, as in Hydra's basic sweeper, from
+    `hydra.sweeper.params` (which experiment presets may set)."""
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return None
+    overrides = list(args.overrides)
+    if args.multirun:
+        overrides = [f"{k}={v}" for k, v in _sweeper_params(overrides).items()] + overrides
     try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise InputError(str(e).splitlines()[0]) from None
     parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
@@ -43,6 +49,17 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
             raise InputError(f"{sweeps[0]} is a sweep; add -m (--multirun) to run one job per value")
         return [[o.input_line for o in parsed]]
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _sweeper_params(overrides: list[str]) -> dict[str, str]:
+    """`hydra.sweeper.params` of the config the command line composes (empty if none)."""
+    base = [o for o in overrides if "," not in o.split("=", 1)[-1]]  # one value per key is enough here
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(CONFIG_NAME, overrides=base, return_hydra_config=True)
+        except HydraException:
+            return {}  # reported with the job's own overrides below
+        return dict(cfg.hydra.sweeper.get("params") or {})
 
 
 def _missing_config_message(e: MissingConfigException, overrides: list[str]) -> str:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from harness import distributed
-from harness.batching import collate
+from harness.batching import MicroBatch, collate
 from harness.config import pair_key, validate
 from harness.data import prepare_data
 from harness.evaluate import evaluate, summary
@@ -36,6 +36,41 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
         raise RuntimeError("trainer.device=cuda but no CUDA device is available")
     torch.cuda.set_device(world.local_rank)
     return torch.device("cuda", world.local_rank)
+
+
+def step_counts(batches: list[MicroBatch], world: distributed.World, device) -> StepCounts:
+    """N and B over the whole step: this rank's micro-batches, summed over all ranks."""
+    local_tokens = sum(e.target_tokens for b in batches for e in b.examples)
+    local_seqs = sum(len(b.examples) for b in batches)
+    tokens, seqs = distributed.all_reduce_sum([local_tokens, local_seqs], device)
+    return StepCounts(tokens, seqs, len(batches), world.size)
+
+
+def accumulate_gradients(model, batches: list[MicroBatch], counts: StepCounts, mode: str, loss_scale: float,
+                         autocast_dtype: torch.dtype | None = None):
+    """Forward and backward over this rank's micro-batches of one optimizer step.
+
+    Leaves in `.grad` the gradient of the step's objective (after DDP's all-reduce on the
+    last micro-batch). Returns the summed NLL and this rank's share of the objective (both
+    0-d tensors), and each micro-batch's per-example sum of token weights.
+    """
+    ddp = isinstance(model, DistributedDataParallel)
+    device = batches[0].input_ids.device
+    nll_sum = torch.zeros((), device=device, dtype=torch.float64)
+    objective = torch.zeros((), device=device, dtype=torch.float64)
+    example_weights = []
+    for k, batch in enumerate(batches):
+        last = k == len(batches) - 1
+        with model.no_sync() if ddp and not last else nullcontext():
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                nll = token_nll(model, batch)
+            weights = token_weights(mode, batch.target_mask, batch.seq_target_tokens, counts, loss_scale)
+            loss = micro_batch_loss(nll, weights, counts.world_size)
+            loss.backward()
+        nll_sum += nll.detach().sum()
+        objective += loss.detach() / counts.world_size
+        example_weights.append(per_example_sums(weights, batch))
+    return nll_sum, objective, example_weights
 
 
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
@@ -64,6 +99,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     pad_id = tokenizer.pad_token_id
+    autocast_dtype = torch.bfloat16 if t.precision == "bf16-mixed" else None
     layout = dict(pad_id=pad_id, packing=cfg.data.packing, row_length=cfg.data.pack_length or cfg.data.max_seq_len)
 
     tracker = RunLogger(enabled=world.is_main)
@@ -100,24 +136,11 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             tic = time.perf_counter()
             micro = split_step(steps[step - 1], world.size, t.grad_accum, world.rank)
             batches = [collate([data.train[i] for i in idx], **layout).to(device) for idx in micro]
-            local_tokens = sum(data.train[i].target_tokens for idx in micro for i in idx)
-            local_seqs = sum(len(idx) for idx in micro)
-            n_tokens, n_seqs = distributed.all_reduce_sum([local_tokens, local_seqs], device)
-            counts = StepCounts(n_tokens, n_seqs, len(batches), world.size)
-
-            nll_sum = torch.zeros((), device=device, dtype=torch.float64)
-            objective = torch.zeros((), device=device, dtype=torch.float64)
-            for k, (idx, batch) in enumerate(zip(micro, batches)):
-                last = k == len(batches) - 1
-                with nullcontext() if last or world.size == 1 else ddp.no_sync():
-                    nll = token_nll(ddp, batch)
-                    weights = token_weights(cfg.reduce_loss, batch.target_mask, batch.seq_target_tokens,
-                                            counts, cfg.loss_scale)
-                    loss = micro_batch_loss(nll, weights, world.size)
-                    loss.backward()
-                nll_sum += nll.detach().sum()
-                objective += loss.detach() / world.size
-                grad_weight.index_add_(0, torch.tensor(idx, device=device), per_example_sums(weights, batch))
+            counts = step_counts(batches, world, device)
+            nll_sum, objective, example_weights = accumulate_gradients(
+                ddp, batches, counts, cfg.reduce_loss, cfg.loss_scale, autocast_dtype)
+            for idx, weights in zip(micro, example_weights):
+                grad_weight.index_add_(0, torch.tensor(idx, device=device), weights)
                 times_seen[idx] += 1
 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -130,13 +153,13 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             if step % t.log_every == 0 or step == t.max_steps:
                 nll_total, objective_total = distributed.all_reduce_float([nll_sum, objective])
                 tokens_per_s = step_tokens / (time.perf_counter() - tic)
-                train_loss = nll_total / n_tokens
+                train_loss = nll_total / counts.tokens
                 tracker.metrics({
                     "train/loss": train_loss,  # token-mean NLL of the step: comparable across modes
                     "train/objective": objective_total,  # what this mode minimises
                     "train/grad_norm": float(grad_norm),
                     "train/lr": scheduler.get_last_lr()[0],
-                    "train/target_tokens": n_tokens,
+                    "train/target_tokens": counts.tokens,
                     "train/tokens_per_s": tokens_per_s,
                 }, step=step)
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

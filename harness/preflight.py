@@ -16,6 +16,7 @@ from hydra.errors import HydraException, MissingConfigException
 from harness.chat_format import ConversationError
 from harness.config import ConfigError, validate
 from harness.data import DataError, prepare_data
+from harness.distributed import world_from_env
 from harness.model import ModelError, load_tokenizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -89,7 +90,7 @@ def check_command_line(argv: list[str]) -> None:
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
                     tokenizer = load_tokenizer(cfg.model)
-                    if cfg.data.kind != "synthetic":
+                    if cfg.data.kind != "synthetic" and world_from_env().is_main:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
             except USER_ERRORS as e:
                 raise InputError(str(e)) from None

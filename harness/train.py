@@ -83,7 +83,11 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
 
     # Everything that must match within a pair depends on the seed and data config only.
     tokenizer = load_tokenizer(cfg.model)
+    if not world.is_main:
+        distributed.barrier(world)  # rank 0 tokenises (and caches) first; the others reuse it
     data = prepare_data(cfg.data, tokenizer)
+    if world.is_main:
+        distributed.barrier(world)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     steps = training_order(len(data.train), t.batch_size, t.max_steps, cfg.seed)
     identity = {
@@ -92,8 +96,12 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         "pair_id": config_fingerprint(pair_key(cfg)),
         "init_fingerprint": params_fingerprint(model),
         "data_fingerprint": order_fingerprint([data.train[i].example_id for step in steps for i in step]),
+        "device": device.type,
+        "world_size": str(world.size),
     }
 
+    log.info("training on %s (%s), world size %d", device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model.to(device).train()
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

@@ -48,8 +48,7 @@ def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int) 
         for i in row:
             ex = examples[i]
             n = ex.seq_len
-            input_ids[r, at : at + n] = torch.tensor(ex.input_ids)
-            targets[r, at : at + n] = torch.tensor(ex.targets)
+            input_ids[r, at : at + n], targets[r, at : at + n] = ex.tensors
             position_ids[r, at : at + n] = torch.arange(n)
             seq_index[r, at : at + n] = i
             at += n

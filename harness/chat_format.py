@@ -94,7 +94,8 @@ def normalize_messages(messages, role_names: dict[str, str], where: str) -> list
         raise ConversationError(f"{where}: messages must be a non-empty list of turns")
     out = []
     for t, turn in enumerate(messages):
-        if not isinstance(turn, dict) or not {"role", "content"} <= set(turn):
+        # Arrow fills keys that other rows have with None, so a missing key may read as None.
+        if not isinstance(turn, dict) or turn.get("role") is None or turn.get("content") is None:
             raise ConversationError(f"{where}, turn {t}: a turn must be {{role, content}}, got {turn!r:.80}")
         if turn["role"] not in to_ours:
             raise ConversationError(

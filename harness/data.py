@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import datasets
+import torch
 from omegaconf import OmegaConf
 
 from harness import synthetic_chat
@@ -43,6 +44,11 @@ class Example:
     def target_tokens(self) -> int:
         return sum(t != IGNORE for t in self.targets)
 
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, targets) as tensors, made once and reused by every batch."""
+        return torch.tensor(self.input_ids), torch.tensor(self.targets)
+
 
 @dataclass
 class PreparedData:
@@ -69,15 +75,28 @@ def _load_raw(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
     return _load_hf(cfg)
 
 
+def _file_list(data_files) -> list[str]:
+    """Every path in a `data_files` value: a string, a list, or a dict of split -> either."""
+    if not data_files:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _file_list(v)]
+    return [f for v in data_files for f in _file_list(v)]
+
+
 def _load_hf(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
     data_files = OmegaConf.to_container(cfg.data_files) if OmegaConf.is_config(cfg.data_files) else cfg.data_files
-    for f in [data_files] if isinstance(data_files, str) else (data_files or []):
-        if isinstance(f, str) and "://" not in f and not glob.glob(f):
+    for f in _file_list(data_files):
+        if "://" not in f and not glob.glob(os.path.expanduser(f)):
             raise DataError(f"data.data_files: no such file {f!r}")
     try:
         ds = datasets.load_dataset(cfg.path, name=cfg.get("name"), data_files=data_files)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DataError(f"data.path={cfg.path!r}: {str(e).splitlines()[0]}") from e
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ or e
+        raise DataError(f"data.path={cfg.path!r} ({_source(cfg)}): {str(cause).splitlines()[0][:300]}") from e
     if cfg.split not in ds:
         raise DataError(f"data.split={cfg.split!r} not found; splits: {', '.join(ds)}")
     train = ds[cfg.split]
@@ -91,9 +110,11 @@ def _load_hf(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
         raise DataError(f"data.id_column={id_column!r} not found; columns: {', '.join(train.column_names)}")
 
     def with_ids(split: datasets.Dataset, split_name: str) -> datasets.Dataset:
-        ids = [str(x) for x in split[id_column]] if id_column else [f"{split_name}-{i:08d}" for i in range(len(split))]
-        keep = [c for c in split.column_names if c != column]
-        split = split.remove_columns(keep).add_column("example_id", ids)
+        """Keep the conversation, its source row and a stable id; drop the other columns."""
+        rows = list(range(len(split)))
+        ids = [str(x) for x in split[id_column]] if id_column else [f"{split_name}-{i:08d}" for i in rows]
+        split = split.remove_columns([c for c in split.column_names if c != column])
+        split = split.add_column("example_id", ids).add_column("row", rows)
         return split.rename_column(column, "messages") if column != "messages" else split
 
     if cfg.get("max_examples"):
@@ -124,13 +145,25 @@ def _cache_key(cfg, tokenizer, split_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _source(cfg) -> str:
+    if cfg.kind == "synthetic":
+        return "synthetic data"
+    files = cfg.get("data_files")
+    return f"{cfg.path} {OmegaConf.to_container(files) if OmegaConf.is_config(files) else files}" if files else cfg.path
+
+
 def _tokenize(split: datasets.Dataset, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, bool]:
     role_names = _role_names(cfg)
+    column = cfg.get("messages_column", "messages")
+    source = _source(cfg)
+    # the split of the source the rows come from (a held-out validation fraction comes from `split`)
+    source_split = cfg.val_split if split_name == "validation" and cfg.get("val_split") else cfg.get("split", split_name)
 
     def encode_rows(batch, indices):
         out = {"input_ids": [], "labels": [], "status": []}
-        for idx, messages in zip(indices, batch["messages"]):
-            where = f"{split_name} example {idx}"
+        rows = batch["row"] if "row" in batch else indices
+        for row, messages in zip(rows, batch["messages"]):
+            where = f"{source}, split {source_split!r} row {row}, column {column!r}"
             try:
                 messages = normalize_messages(messages, role_names, where)
                 enc = encode_truncated(tokenizer, messages, cfg.max_seq_len, cfg.truncation)
@@ -146,7 +179,8 @@ def _tokenize(split: datasets.Dataset, split_name: str, cfg, tokenizer) -> tuple
                 out["status"].append("truncated" if enc.truncated else "ok")
         return out
 
-    kwargs = dict(batched=True, with_indices=True, remove_columns=["messages"], desc=f"tokenising {split_name}")
+    drop = [c for c in ("messages", "row") if c in split.column_names]
+    kwargs = dict(batched=True, with_indices=True, remove_columns=drop, desc=f"tokenising {split_name}")
     reused = False
     if cfg.kind != "synthetic":
         cache_dir = os.path.expanduser(cfg.cache_dir)

@@ -31,6 +31,12 @@ def _check_local(path: str, need_weights: bool) -> None:
         raise ModelError(f"model.name_or_path={path!r}: folder holds no safetensors weights")
 
 
+def check_model_source(cfg) -> None:
+    """Fail early, in one line, on a local model folder that is missing or holds no weights."""
+    if cfg.kind == "hf":
+        _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
+
+
 def load_tokenizer(cfg):
     """The tokenizer of the model config `cfg` (the `model` group), with a chat template."""
     if cfg.kind == "tiny_llama":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import datasets
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
@@ -17,7 +18,7 @@ from harness.chat_format import ConversationError
 from harness.config import ConfigError, validate
 from harness.data import DataError, prepare_data
 from harness.distributed import world_from_env
-from harness.model import ModelError, load_tokenizer
+from harness.model import ModelError, check_model_source, load_tokenizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "train"
@@ -89,6 +90,7 @@ def check_command_line(argv: list[str]) -> None:
                 key = str((cfg.model, cfg.data))
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
+                    check_model_source(cfg.model)
                     tokenizer = load_tokenizer(cfg.model)
                     if cfg.data.kind != "synthetic" and world_from_env().is_main:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
@@ -97,8 +99,11 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def main_or_exit(argv: list[str]) -> None:
+    datasets.disable_progress_bars()  # keep a failing check to its one line
     try:
         check_command_line(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        datasets.enable_progress_bars()

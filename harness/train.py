@@ -96,6 +96,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         "pair_id": config_fingerprint(pair_key(cfg)),
         "init_fingerprint": params_fingerprint(model),
         "data_fingerprint": order_fingerprint([data.train[i].example_id for step in steps for i in step]),
+        "tokenisation_cache": "reused" if data.cache_reused else "built",
         "device": device.type,
         "world_size": str(world.size),
     }

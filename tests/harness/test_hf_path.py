@@ -1,0 +1,197 @@
+"""model=hf data=hf on a tiny saved model and a tulu-format JSONL, through the real CLI."""
+
+import json
+import os
+
+import mlflow
+import pandas as pd
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from harness.chat_format import IGNORE
+from harness.chat_tokenizer import build_char_tokenizer
+from harness.data import DataError, prepare_data
+from harness.model import ModelError, load_tokenizer
+from omegaconf import OmegaConf
+from tests.harness.test_cli import child_runs, run_cli
+
+# ChatML without generation markers: assistant spans must come from prefix rendering.
+PLAIN_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MAX_SEQ_LEN = 160
+
+
+def conversation(i: int) -> list[dict]:
+    turns = [{"role": "system", "content": "answer briefly"}]
+    for t in range(1 + i % 3):  # 1 to 3 exchanges
+        turns += [{"role": "user", "content": f"q{i}.{t} " + "x" * (i % 7)},
+                  {"role": "assistant", "content": f"a{i}.{t} " + "y" * ((i * 13 + t * 29) % 60)}]
+    return turns
+
+
+def render_len(messages) -> int:  # one token per character, one per special token
+    return sum(1 + len(m["role"]) + 1 + len(m["content"]) + 1 + 1 for m in messages)
+
+
+def expected_target_tokens(messages) -> int:
+    return sum(len(m["content"]) + 1 for m in messages if m["role"] == "assistant")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    tok = build_char_tokenizer()
+    tok.chat_template = PLAIN_CHATML
+    model_dir = root / "model"
+    tok.save_pretrained(model_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    rows = {split: [{"id": f"{split}_{i}", "source": "unit", "messages": conversation(i)} for i in range(n)]
+            for split, n in (("train", 40), ("validation", 12))}
+    files = {}
+    for split, items in rows.items():
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in items))
+    return root, model_dir, files, rows
+
+
+def data_cfg(files, **over):
+    base = OmegaConf.load(os.path.join(os.path.dirname(__file__), "../../conf/data/hf.yaml"))
+    return OmegaConf.merge(base, {"path": "json", "data_files": {k: str(v) for k, v in files.items()},
+                                  "val_split": "validation", "id_column": "id", "max_seq_len": MAX_SEQ_LEN,
+                                  "cache_dir": str(files["train"].parent / "cache")}, over)
+
+
+def model_cfg(model_dir, **over):
+    base = OmegaConf.load(os.path.join(os.path.dirname(__file__), "../../conf/model/hf.yaml"))
+    return OmegaConf.merge(base, {"name_or_path": str(model_dir), "dtype": "float32"}, over)
+
+
+def test_labels_cover_exactly_the_assistant_turns(assets):
+    root, model_dir, files, rows = assets
+    tok = load_tokenizer(model_cfg(model_dir))
+    data = prepare_data(data_cfg(files, max_seq_len=10_000), tok)
+    by_id = {r["id"]: r["messages"] for r in rows["train"]}
+    assert len(data.train) == 40
+    for ex in data.train:
+        kept = tok.decode([t for t in ex.targets if t != IGNORE])
+        replies = [m["content"] + "<|im_end|>" for m in by_id[ex.example_id] if m["role"] == "assistant"]
+        assert kept == "".join(replies)
+
+
+def test_truncate_and_drop_counts(assets):
+    root, model_dir, files, rows = assets
+    tok = load_tokenizer(model_cfg(model_dir))
+    too_long = sum(render_len(r["messages"]) > MAX_SEQ_LEN for r in rows["train"])
+    assert 0 < too_long < 40
+    dropped = prepare_data(data_cfg(files, truncation="drop"), tok)
+    assert dropped.counts["train/dropped_too_long"] == too_long and len(dropped.train) == 40 - too_long
+    cut = prepare_data(data_cfg(files, truncation="truncate"), tok)
+    assert cut.counts["train/truncated"] == too_long and len(cut.train) == 40
+    assert max(e.seq_len for e in cut.train) == MAX_SEQ_LEN
+    # cut so short that no assistant token is left: dropped and counted, never trained on
+    with pytest.raises(DataError, match="every training example was dropped"):
+        prepare_data(data_cfg(files, truncation="truncate", max_seq_len=30), tok)
+
+
+def test_tokenizer_without_chat_template_needs_one(assets, tmp_path):
+    root, model_dir, files, rows = assets
+    tok = build_char_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="has no chat template; set model.chat_template"):
+        load_tokenizer(model_cfg(tmp_path))
+    assert load_tokenizer(model_cfg(tmp_path, chat_template=PLAIN_CHATML)).chat_template == PLAIN_CHATML
+
+
+def hf_args(model_dir, files, cache_dir, *extra):
+    """CLI overrides; `files` is {train, validation} or one file split by data.val_fraction."""
+    source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']}}}", "data.val_split=validation"]
+              if isinstance(files, dict) else [f"data.data_files={files}", "data.val_fraction=0.25"])
+    return ["model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32",
+            "data=hf", "data.path=json", *source, "data.id_column=id", f"data.max_seq_len={MAX_SEQ_LEN}",
+            "data.truncation=drop", f"data.cache_dir={cache_dir}",
+            "trainer.max_steps=3", "trainer.eval_every=3", "trainer.batch_size=4", *extra]
+
+
+@pytest.mark.slow
+def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tmp_path):
+    root, model_dir, files, rows = assets
+    cache = tmp_path / "cache"
+    first = run_cli(hf_args(model_dir, files, cache), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cached = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
+    assert len(cached) == 2  # train and validation
+    second = run_cli(hf_args(model_dir, files, cache, "seed=1"), tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == cached
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert (runs.status == "FINISHED").all() and len(runs) == 2
+    assert set(runs["tags.tokenisation_cache"]) == {"reused"}
+    too_long = sum(render_len(r["messages"]) > MAX_SEQ_LEN for r in rows["train"])
+    assert (runs["metrics.data/train/dropped_too_long"] == too_long).all()
+    run_id = runs.run_id.iloc[0]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/final.parquet", dst_path=str(tmp_path))
+    df = pd.read_parquet(local)
+    by_id = {r["id"]: r["messages"] for r in rows["validation"]}
+    kept = {i for i, m in by_id.items() if render_len(m) <= MAX_SEQ_LEN}
+    assert set(df.example_id) == kept
+    for row in df.itertuples():
+        assert row.target_tokens == expected_target_tokens(by_id[row.example_id])
+        assert row.seq_len == render_len(by_id[row.example_id])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, expected", [
+    ("missing_file", "data.data_files: no such file"),
+    ("no_column", "data.messages_column='messages' not found"),
+    ("bad_turn", "row 1, column 'messages', turn 0: a turn must be {role, content}"),
+    ("unknown_role", "row 2, column 'messages', turn 1: unknown role 'robot'"),
+    ("no_assistant", "split 'train' row 0, column 'messages': the conversation has no assistant turn"),
+    ("no_model", "no such folder"),
+    ("no_weights", "folder holds no safetensors weights"),
+    ("all_dropped", "every training example was dropped"),
+])
+def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
+    root, model_dir, files, rows = assets
+    good = [{"id": str(i), "messages": conversation(i)} for i in range(4)]
+    train = tmp_path / "train.jsonl"
+    extra = []
+    if case == "missing_file":
+        train = tmp_path / "nope.jsonl"
+    elif case == "no_column":
+        write_jsonl(train, [{"id": r["id"], "conversation": r["messages"]} for r in good])
+    elif case == "bad_turn":
+        write_jsonl(train, good[:1] + [{"id": "x", "messages": [{"role": "user", "text": "hi"}]}] + good[1:])
+    elif case == "unknown_role":
+        write_jsonl(train, good[:2] + [{"id": "x", "messages": [{"role": "user", "content": "a"},
+                                                                 {"role": "robot", "content": "b"}]}])
+    elif case == "no_assistant":
+        write_jsonl(train, [{"id": "x", "messages": [{"role": "user", "content": "a"}]}] + good)
+    else:
+        write_jsonl(train, good)
+    model = model_dir
+    if case == "no_model":
+        model = tmp_path / "missing_model"
+    elif case == "no_weights":
+        model = tmp_path / "empty_model"
+        model.mkdir()
+    elif case == "all_dropped":
+        extra = ["data.max_seq_len=20"]
+    args = hf_args(model, train, tmp_path / "cache", *extra)
+    proc = run_cli(["-m", "reduce_loss=mean,sum", *args], tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines and expected in lines[-1], proc.stderr[-2000:]
+    assert lines[-1].startswith("error: ")
+    assert not (tmp_path / "mlflow.db").exists()

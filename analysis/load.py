@@ -13,6 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
 
+# Hundreds of small downloads would each draw a progress bar.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 RUN_TAGS = ["reduce_loss", "seed", "pair_id", "init_fingerprint", "data_fingerprint"]
 PARENT_ID_FILE = "mlflow_parent_run_id"  # written by harness.tracking into a sweep folder
 
@@ -70,6 +73,9 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
     runs = runs[runs["status"] == "FINISHED"]
     if runs.empty:
         raise AnalysisError("the selected runs include none that FINISHED")
+    modes = sorted(runs["tags.reduce_loss"].unique())
+    if len(modes) < 2:
+        raise AnalysisError(f"only one reduction ({modes[0]}) among the selected runs; a comparison needs two or more")
     out = runs[["run_id", "status"]].copy()
     out["run_name"] = runs.get("tags.mlflow.runName")
     for tag in RUN_TAGS:

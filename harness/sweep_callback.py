@@ -34,7 +34,7 @@ class SweepTracking(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:
-            self.failures.append(f"{job_return.overrides}: {job_return._return_value!r}")
+            self.failures.append(f"{job_return.overrides}: raised (see the job's log)")
         elif isinstance(job_return.return_value, dict) and "failed" in job_return.return_value:
             self.failures.append(f"{job_return.overrides}: {job_return.return_value['failed']}")
 

@@ -114,10 +114,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     tracker = RunLogger(enabled=world.is_main)
     tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", identity, parent_run_id)
     try:
+        if world.is_main:
+            (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
         tracker.params(flat_params(cfg))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval").mkdir(exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
         tracker.artifact(out_dir / "resolved_config.yaml")
         tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {
             "data/train_examples": len(data.train), "data/val_examples": len(data.val)}, step=0)

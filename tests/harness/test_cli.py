@@ -67,8 +67,9 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     assert (final.target_tokens < final.seq_len).all()
 
     sweep_dir = next(tmp_path.glob("multirun/*/*"))
-    pngs = {p.name for p in (sweep_dir / "analysis").glob("*.png")}
-    assert {"val_loss_by_bucket.png", "paired_difference.png"} <= pngs
+    written = {p.name for p in (sweep_dir / "analysis").iterdir()}
+    assert {"val_loss_by_bucket.png", "paired_difference.png", "train_loss.png", "gradient_weight_share.png",
+            "val_loss_by_bucket_over_steps.png", "report.md", "report.html"} <= written
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
     assert "analysis/report.html" in logged and "analysis/paired_difference.png" in logged
 
@@ -80,9 +81,11 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     ("seed=abc", "seed='abc' is not an integer"),
     ("trainer.batch_size=1", "trainer.batch_size=1 leaves a rank without data"),
     ("loss_scale=0", "loss_scale=0 must be a number > 0"),
+    ("data.packing=true", "data.pack_length=None is not an integer"),
+    ("data.packing=true data.pack_length=100", "data.pack_length=100 is shorter than data.max_seq_len=512"),
 ])
 def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, expected):
-    proc = run_cli(["-m", "reduce_loss=mean,sum", override], tmp_path)
+    proc = run_cli(["-m", "reduce_loss=mean,sum", *override.split()], tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -116,3 +119,14 @@ def test_help_and_cfg_job(tmp_path):
     cfg = run_cli(["--cfg", "job", "reduce_loss=sum"], tmp_path)
     assert cfg.returncode == 0 and "reduce_loss: sum" in cfg.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_split_that_leaves_a_rank_without_data_fails_before_training(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "harness",
+           "trainer.batch_size=2", "trainer.grad_accum=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: trainer.batch_size=2 leaves a rank without data: it must be at least "
+            "grad_accum*world_size=2*2=4") in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

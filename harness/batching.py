@@ -25,18 +25,26 @@ class MicroBatch:
     seq_index: torch.Tensor  # [rows, length], -1 for padding
     seq_target_tokens: torch.Tensor  # [rows, length], n_i of the token's example, 0 on padding
     examples: list[Example]
+    packed: bool = False  # several examples per row: the model needs the position ids
 
     @property
     def target_mask(self) -> torch.Tensor:
         return self.targets != IGNORE
 
     def to(self, device) -> "MicroBatch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
-                          move(self.seq_index), move(self.seq_target_tokens), self.examples)
+        return MicroBatch(*(to_device(t, device) for t in (self.input_ids, self.targets, self.position_ids,
+                                                           self.seq_index, self.seq_target_tokens)),
+                          self.examples, self.packed)
 
 
-def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int) -> MicroBatch:
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Copy without making the host wait for the GPU (from pinned memory)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int, packed: bool) -> MicroBatch:
     length = max(sum(examples[i].seq_len for i in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -54,11 +62,11 @@ def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int) 
             at += n
         position_ids[r, at:] = torch.arange(length - at)  # padding: a segment of its own
     n_i = torch.tensor([0] + [e.target_tokens for e in examples])
-    return MicroBatch(input_ids, targets, position_ids, seq_index, n_i[seq_index + 1], examples)
+    return MicroBatch(input_ids, targets, position_ids, seq_index, n_i[seq_index + 1], examples, packed)
 
 
 def pad(examples: list[Example], pad_id: int) -> MicroBatch:
-    return _rows_to_batch([[i] for i in range(len(examples))], examples, pad_id)
+    return _rows_to_batch([[i] for i in range(len(examples))], examples, pad_id, packed=False)
 
 
 def pack(examples: list[Example], row_length: int, pad_id: int) -> MicroBatch:
@@ -76,7 +84,7 @@ def pack(examples: list[Example], row_length: int, pad_id: int) -> MicroBatch:
         else:
             rows.append([i])
             room.append(row_length - ex.seq_len)
-    return _rows_to_batch(rows, examples, pad_id)
+    return _rows_to_batch(rows, examples, pad_id, packed=True)
 
 
 def collate(examples: list[Example], pad_id: int, packing: bool, row_length: int) -> MicroBatch:

@@ -11,7 +11,10 @@ from harness.chat_format import IGNORE
 
 def token_nll(model, batch: MicroBatch) -> torch.Tensor:
     """NLL of every token's target, shape [rows, length]; 0 where there is no target."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    # Unpacked rows are right-padded, so the default positions and causal mask are exact; packed
+    # rows pass position ids that restart per example, from which the document mask is built.
+    position_ids = batch.position_ids if batch.packed else None
+    logits = model(input_ids=batch.input_ids, position_ids=position_ids, use_cache=False).logits
     nll = F.cross_entropy(
         logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
     )

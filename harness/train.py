@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from harness import distributed
-from harness.batching import MicroBatch, collate
+from harness.batching import MicroBatch, collate, to_device
 from harness.config import pair_key, validate
 from harness.data import prepare_data
 from harness.evaluate import evaluate, summary
@@ -149,7 +149,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             nll_sum, objective, example_weights = accumulate_gradients(
                 ddp, batches, counts, cfg.reduce_loss, cfg.loss_scale, autocast_dtype)
             for idx, weights in zip(micro, example_weights):
-                grad_weight.index_add_(0, torch.tensor(idx, device=device), weights)
+                grad_weight.index_add_(0, to_device(torch.tensor(idx), device), weights)
                 times_seen[idx] += 1
 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)

@@ -15,6 +15,7 @@ from analysis.compute import Options
 from analysis.errors import AnalysisError
 from analysis.load import parent_from_sweep_dir
 from analysis.run import run_analysis
+from harness.tracking import resolve_uri
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,8 +42,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from harness.tracking import resolve_uri
-
     uri = resolve_uri(args.tracking_uri)
     try:
         if args.buckets < 1:

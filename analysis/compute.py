@@ -5,7 +5,7 @@ Everything here works on pandas frames and returns frames; nothing plots or writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,6 @@ class Results:
     grad_share: pd.DataFrame  # reduce_loss, bucket, share
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
-    notes: list[str] = field(default_factory=list)
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:

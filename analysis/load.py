@@ -12,12 +12,12 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
+from harness.tracking import PARENT_ID_FILE
 
 # Hundreds of small downloads would each draw a progress bar.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RUN_TAGS = ["reduce_loss", "seed", "pair_id", "init_fingerprint", "data_fingerprint"]
-PARENT_ID_FILE = "mlflow_parent_run_id"  # written by harness.tracking into a sweep folder
 
 
 @dataclass

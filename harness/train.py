@@ -104,7 +104,9 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     log.info("training on %s (%s), world size %d", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model.to(device).train()
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
+    ddp = model
+    if world.size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     pad_id = tokenizer.pad_token_id
@@ -141,8 +143,8 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                         disable=not world.is_main, dynamic_ncols=True)
         val_metrics: dict[str, float] = {}
         tokens_seen = 0
+        tic, tokens_since_log = time.perf_counter(), 0  # throughput over each logging interval
         for step in progress:
-            tic = time.perf_counter()
             micro = split_step(steps[step - 1], world.size, t.grad_accum, world.rank)
             batches = [collate([data.train[i] for i in idx], **layout).to(device) for idx in micro]
             counts = step_counts(batches, world, device)
@@ -159,9 +161,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
 
             step_tokens = sum(data.train[i].seq_len for idx in micro for i in idx) * world.size
             tokens_seen += step_tokens
+            tokens_since_log += step_tokens
             if step % t.log_every == 0 or step == t.max_steps:
-                nll_total, objective_total = distributed.all_reduce_float([nll_sum, objective])
-                tokens_per_s = step_tokens / (time.perf_counter() - tic)
+                nll_total, objective_total = distributed.all_reduce_float([nll_sum, objective])  # syncs
+                tokens_per_s = tokens_since_log / (time.perf_counter() - tic)
                 train_loss = nll_total / counts.tokens
                 tracker.metrics({
                     "train/loss": train_loss,  # token-mean NLL of the step: comparable across modes
@@ -174,6 +177,8 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             if step % t.eval_every == 0 or step == t.max_steps:
                 val_metrics = run_eval(step)
+            if step % t.log_every == 0:
+                tic, tokens_since_log = time.perf_counter(), 0
 
         _log_grad_weights(data.train, grad_weight, times_seen, out_dir, tracker, world)
         tracker.metrics({"train/tokens_seen": tokens_seen}, step=t.max_steps)

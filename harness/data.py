@@ -113,6 +113,9 @@ def _load_hf(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
         """Keep the conversation, its source row and a stable id; drop the other columns."""
         rows = list(range(len(split)))
         ids = [str(x) for x in split[id_column]] if id_column else [f"{split_name}-{i:08d}" for i in rows]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise DataError(f"data.id_column={id_column!r}: ids in split {split_name!r} are not unique (e.g. {dup!r})")
         split = split.remove_columns([c for c in split.column_names if c != column])
         split = split.add_column("example_id", ids).add_column("row", rows)
         return split.rename_column(column, "messages") if column != "messages" else split

@@ -5,8 +5,6 @@ weights them as the README's table says; the harness path batches, pads or packs
 across micro-batches and ranks, and uses harness.reduction.
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,13 +58,19 @@ def formula_grad(examples, mode, chunks) -> torch.Tensor:
     return flat_grad(model)
 
 
-def harness_grad(examples, mode, grad_accum, packing=False) -> torch.Tensor:
-    model = tiny_model()
-    micro = split_step(list(range(len(examples))), 1, grad_accum, 0)
-    batches = [collate([examples[i] for i in idx], pad_id=0, packing=packing, row_length=128) for idx in micro]
-    counts = step_counts(batches, World(), torch.device("cpu"))
-    accumulate_gradients(model, batches, counts, mode, LOSS_SCALE)
-    return flat_grad(model)
+def harness_grad(examples, mode, grad_accum, packing=False, world: World = World(), device="cpu") -> torch.Tensor:
+    """The gradient the harness leaves after one step, on this rank (DDP when world.size > 1)."""
+    device = torch.device(device)
+    model = tiny_model().to(device)
+    wrapped = model
+    if world.size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    micro = split_step(list(range(len(examples))), world.size, grad_accum, world.rank)
+    batches = [collate([examples[i] for i in idx], pad_id=0, packing=packing, row_length=128).to(device)
+               for idx in micro]
+    counts = step_counts(batches, world, device)
+    accumulate_gradients(wrapped, batches, counts, mode, LOSS_SCALE)
+    return flat_grad(model).cpu()
 
 
 def chunks_of(n: int, parts: int) -> list[list[int]]:
@@ -122,20 +126,16 @@ def test_seq_mean_and_token_mean_differ_on_unequal_lengths():
     assert rel_err(harness_grad(examples, "seq_mean", 1), harness_grad(examples, "token_mean", 1)) > 1e-2
 
 
-def _ddp_worker(rank: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def two_rank_worker(rank: int, backend: str, init_file: str, out: str) -> None:
+    """One of two ranks (gloo on CPUs, nccl on GPUs): every mode's gradient with G=2 per rank."""
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     examples = make_examples(UNEQUAL)
-    grads = {}
-    for mode in MODES:
-        for packing in (False, True):
-            model = tiny_model()
-            ddp = DistributedDataParallel(model)
-            micro = split_step(list(range(len(examples))), 2, 2, rank)
-            batches = [collate([examples[i] for i in idx], pad_id=0, packing=packing, row_length=128) for idx in micro]
-            counts = step_counts(batches, World(rank, 2), torch.device("cpu"))
-            accumulate_gradients(ddp, batches, counts, mode, LOSS_SCALE)
-            grads[(mode, packing)] = flat_grad(model)
+    grads = {(mode, packing): harness_grad(examples, mode, 2, packing, World(rank, 2, rank), device)
+             for mode in MODES for packing in (False, True)}
     torch.save(grads, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -143,7 +143,7 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_with_gloo_match_formula(tmp_path):
     out = str(tmp_path / "grads")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    mp.spawn(two_rank_worker, args=("gloo", str(tmp_path / "init"), out), nprocs=2, join=True)
     per_rank = [torch.load(f"{out}.{r}") for r in range(2)]
     examples = make_examples(UNEQUAL)
     for (mode, packing), got in per_rank[0].items():

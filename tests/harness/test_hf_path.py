@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from harness.chat_format import IGNORE
 from harness.chat_tokenizer import build_char_tokenizer
 from harness.data import DataError, prepare_data
-from harness.model import ModelError, load_tokenizer
+from harness.fingerprint import params_fingerprint
+from harness.model import ModelError, build_model, load_tokenizer
 from omegaconf import OmegaConf
 from tests.harness.test_cli import child_runs, run_cli
 
@@ -195,3 +196,16 @@ def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
     assert lines and expected in lines[-1], proc.stderr[-2000:]
     assert lines[-1].startswith("error: ")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_random_init_uses_the_checkpoint_config_and_the_seed(assets):
+    root, model_dir, files, rows = assets
+    tok = load_tokenizer(model_cfg(model_dir))
+    pretrained = build_model(model_cfg(model_dir), tok, seed=0)
+    random0 = build_model(model_cfg(model_dir, init="random"), tok, seed=0)
+    assert sum(p.numel() for p in random0.parameters()) == sum(p.numel() for p in pretrained.parameters())
+    fingerprints = {params_fingerprint(m) for m in (pretrained, random0)}
+    fingerprints.add(params_fingerprint(build_model(model_cfg(model_dir, init="random"), tok, seed=1)))
+    assert len(fingerprints) == 3
+    assert params_fingerprint(build_model(model_cfg(model_dir, init="random"), tok, seed=0)) == params_fingerprint(random0)
+    assert params_fingerprint(build_model(model_cfg(model_dir), tok, seed=5)) == params_fingerprint(pretrained)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.load import RunData
+from analysis.load import RunData, require_two_modes
 
 
 @dataclass
@@ -43,9 +43,8 @@ class Results:
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:
     """Runs with a `group` column; refuse comparisons that are not paired."""
     runs = data.runs.copy()
+    require_two_modes(runs.reduce_loss)
     modes = sorted(runs.reduce_loss.unique())
-    if len(modes) < 2:
-        raise AnalysisError(f"only one reduction ({modes[0]}) among the selected runs; a comparison needs two or more")
     final = data.evals[data.evals.step == data.evals.groupby("run_id").step.transform("max")]
     example_sets = final.groupby("run_id").example_id.agg(frozenset)
     names = dict(zip(runs.run_id, runs.run_name.fillna(runs.run_id)))

@@ -12,7 +12,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis.errors import AnalysisError
-from harness.tracking import PARENT_ID_FILE
+from harness.tracking import PARENT_ID_FILE, parent_run_id
 
 # Hundreds of small downloads would each draw a progress bar.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -44,10 +44,16 @@ def check_reachable(uri: str) -> None:
 
 
 def parent_from_sweep_dir(sweep_dir: str | Path) -> str:
-    f = Path(sweep_dir) / PARENT_ID_FILE
-    if not f.is_file():
+    parent = parent_run_id(Path(sweep_dir))
+    if parent is None:
         raise AnalysisError(f"{sweep_dir} is not a harness sweep folder (no {PARENT_ID_FILE} in it)")
-    return f.read_text().strip()
+    return parent
+
+
+def require_two_modes(modes) -> None:
+    modes = sorted(set(modes))
+    if len(modes) < 2:
+        raise AnalysisError(f"only one reduction ({modes[0]}) among the selected runs; a comparison needs two or more")
 
 
 def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
@@ -73,9 +79,7 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
     runs = runs[runs["status"] == "FINISHED"]
     if runs.empty:
         raise AnalysisError("the selected runs include none that FINISHED")
-    modes = sorted(runs["tags.reduce_loss"].unique())
-    if len(modes) < 2:
-        raise AnalysisError(f"only one reduction ({modes[0]}) among the selected runs; a comparison needs two or more")
+    require_two_modes(runs["tags.reduce_loss"])  # before any artifact is downloaded
     out = runs[["run_id", "status"]].copy()
     out["run_name"] = runs.get("tags.mlflow.runName")
     for tag in RUN_TAGS:

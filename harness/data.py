@@ -86,8 +86,13 @@ def _file_list(data_files) -> list[str]:
     return [f for v in data_files for f in _file_list(v)]
 
 
+def _data_files(cfg):
+    files = cfg.get("data_files")
+    return OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
+
+
 def _load_hf(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
-    data_files = OmegaConf.to_container(cfg.data_files) if OmegaConf.is_config(cfg.data_files) else cfg.data_files
+    data_files = _data_files(cfg)
     for f in _file_list(data_files):
         if "://" not in f and not glob.glob(os.path.expanduser(f)):
             raise DataError(f"data.data_files: no such file {f!r}")
@@ -151,8 +156,8 @@ def _cache_key(cfg, tokenizer, split_name: str) -> str:
 def _source(cfg) -> str:
     if cfg.kind == "synthetic":
         return "synthetic data"
-    files = cfg.get("data_files")
-    return f"{cfg.path} {OmegaConf.to_container(files) if OmegaConf.is_config(files) else files}" if files else cfg.path
+    files = _data_files(cfg)
+    return f"{cfg.path} {files}" if files else cfg.path
 
 
 def _tokenize(split: datasets.Dataset, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, bool]:

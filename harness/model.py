@@ -74,7 +74,7 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
         )
         config._attn_implementation = cfg.attn_implementation
         return LlamaForCausalLM(config).to(dtype)
-    _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
+    check_model_source(cfg)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if cfg.init == "random":
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)

@@ -175,9 +175,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                     "train/tokens_per_s": tokens_per_s,
                 }, step=step)
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            if step % t.eval_every == 0 or step == t.max_steps:
+            evaluated = step % t.eval_every == 0 or step == t.max_steps
+            if evaluated:
                 val_metrics = run_eval(step)
-            if step % t.log_every == 0:
+            if step % t.log_every == 0 or evaluated:  # evaluation time is not training throughput
                 tic, tokens_since_log = time.perf_counter(), 0
 
         _log_grad_weights(data.train, grad_weight, times_seen, out_dir, tracker, world)

@@ -1,1 +1,1 @@
-"""Length-bucketed, paired comparison of loss reductions from the harness's MLflow runs."""
+"""Length-bucketed, paired comparison of loss reductions from the training runs in MLflow."""

@@ -1,4 +1,4 @@
-"""python -m analysis: compare the reductions of harness runs, bucketed by length.
+"""python -m analysis: compare the reductions of training runs, bucketed by length.
 
 Select the runs by sweep folder (default: the newest under multirun/), by sweep parent run id,
 or by MLflow experiment.
@@ -12,19 +12,18 @@ import sys
 from pathlib import Path
 
 from analysis.compute import Options
-from analysis.errors import AnalysisError
-from analysis.load import parent_from_sweep_dir
+from analysis.load import AnalysisError, parent_from_sweep_dir
 from analysis.run import run_analysis
-from harness.tracking import resolve_uri
+from harness.artifacts import resolve_uri
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--sweep-dir", type=Path, help="a harness sweep folder (multirun/<date>/<time>)")
+    which.add_argument("--sweep-dir", type=Path, help="a sweep folder (multirun/<date>/<time>)")
     which.add_argument("--parent-run-id", help="the MLflow id of a sweep's parent run")
-    which.add_argument("--experiment", help="every harness run of this MLflow experiment")
+    which.add_argument("--experiment", help="every training run of this MLflow experiment")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/analysis, else ./analysis_out)")
     p.add_argument("--bucket-by", choices=["seq_len", "target_tokens"], default="seq_len")

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.errors import AnalysisError
-from analysis.load import RunData, require_two_modes
+from analysis.load import AnalysisError, RunData, require_two_modes
 
 
 @dataclass

@@ -11,22 +11,23 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.errors import AnalysisError
-from harness.tracking import PARENT_ID_FILE, parent_run_id
+from harness import artifacts
 
 # Hundreds of small downloads would each draw a progress bar.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-RUN_TAGS = ["reduce_loss", "seed", "pair_id", "init_fingerprint", "data_fingerprint"]
+
+
+class AnalysisError(Exception):
+    """Bad selection or options; the message is one line."""
 
 
 @dataclass
 class RunData:
-    runs: pd.DataFrame  # one row per run: run_id, run_name, status + RUN_TAGS
-    evals: pd.DataFrame  # run_id, step, example_id, seq_len, target_tokens, loss_sum, loss_mean
-    grad_weights: pd.DataFrame  # run_id, example_id, seq_len, target_tokens, times_seen, grad_weight
+    runs: pd.DataFrame  # one row per run: run_id, run_name, status + artifacts.RUN_TAGS
+    evals: pd.DataFrame  # run_id, step + artifacts.EVAL_COLUMNS
+    grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
-    parent_run_id: str | None = None
 
 
 def check_reachable(uri: str) -> None:
@@ -44,9 +45,9 @@ def check_reachable(uri: str) -> None:
 
 
 def parent_from_sweep_dir(sweep_dir: str | Path) -> str:
-    parent = parent_run_id(Path(sweep_dir))
+    parent = artifacts.parent_run_id(Path(sweep_dir))
     if parent is None:
-        raise AnalysisError(f"{sweep_dir} is not a harness sweep folder (no {PARENT_ID_FILE} in it)")
+        raise AnalysisError(f"{sweep_dir} is not a sweep folder (no {artifacts.PARENT_ID_FILE} in it)")
     return parent
 
 
@@ -70,23 +71,35 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
         found = client.get_experiment_by_name(experiment)
         if found is None:
             raise AnalysisError(f"no experiment named {experiment!r} in {uri}")
-        experiment_ids, query = [found.experiment_id], "tags.reduce_loss != ''"
+        experiment_ids, query = [found.experiment_id], f"tags.{artifacts.TAG_MODE} != ''"
     runs = mlflow.search_runs(experiment_ids, filter_string=query, output_format="pandas",
                               max_results=50_000, search_all_experiments=False)
     if runs.empty:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
-        raise AnalysisError(f"no harness runs match {where} in {uri}")
+        raise AnalysisError(f"no training runs match {where} in {uri}")
     runs = runs[runs["status"] == "FINISHED"]
     if runs.empty:
         raise AnalysisError("the selected runs include none that FINISHED")
-    require_two_modes(runs["tags.reduce_loss"])  # before any artifact is downloaded
+    _require_schema(runs)
+    require_two_modes(runs[f"tags.{artifacts.TAG_MODE}"])  # before any artifact is downloaded
     out = runs[["run_id", "status"]].copy()
     out["run_name"] = runs.get("tags.mlflow.runName")
-    for tag in RUN_TAGS:
+    for tag in artifacts.RUN_TAGS:
         out[tag] = runs.get(f"tags.{tag}")
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in out]
     out = out.join(runs[params].rename(columns=lambda c: c[len("params."):]))
     return out.reset_index(drop=True)
+
+
+def _require_schema(runs: pd.DataFrame) -> None:
+    """Refuse runs written under another artifact contract (see artifacts.SCHEMA_VERSION)."""
+    found = runs.get(f"tags.{artifacts.TAG_SCHEMA}", pd.Series(None, index=runs.index))
+    other = runs[found.fillna("none") != artifacts.SCHEMA_VERSION]
+    if not other.empty:
+        names = ", ".join(other.get("tags.mlflow.runName", other.run_id).fillna("?").astype(str).head(5))
+        raise AnalysisError(
+            f"{len(other)} run(s) ({names}) have artifact schema {sorted(set(found[other.index].fillna('none')))}, "
+            f"this analysis reads schema {artifacts.SCHEMA_VERSION}; analyse them with the version that wrote them")
 
 
 def _read_artifacts(client: MlflowClient, run_id: str, folder: str, dest: Path) -> list[Path]:
@@ -97,24 +110,26 @@ def _read_artifacts(client: MlflowClient, run_id: str, folder: str, dest: Path) 
     return sorted(Path(local).glob("*.parquet"))
 
 
-def load(uri: str, runs: pd.DataFrame, parent_run_id: str | None = None) -> RunData:
+def load(uri: str, runs: pd.DataFrame) -> RunData:
     client = MlflowClient(uri)
     evals, grads, curves = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs.run_id:
-            files = _read_artifacts(client, run_id, "eval", Path(tmp) / run_id)
-            steps = [f for f in files if f.stem.startswith("step_")]
+            files = _read_artifacts(client, run_id, artifacts.EVAL_DIR, Path(tmp) / run_id)
+            steps = [(artifacts.step_of(f.name), f) for f in files if artifacts.step_of(f.name) is not None]
             if not steps:
-                raise AnalysisError(f"run {run_id} has no per-example validation artifacts (eval/step_*.parquet)")
-            for f in steps:
-                df = pd.read_parquet(f)
-                df["run_id"], df["step"] = run_id, int(f.stem.split("_")[1])
+                raise AnalysisError(f"run {run_id} has no per-example validation artifacts "
+                                    f"({artifacts.EVAL_DIR}/{artifacts.eval_file(0).replace('00000000', '*')})")
+            for step, f in steps:
+                df = pd.read_parquet(f, columns=artifacts.EVAL_COLUMNS)
+                df["run_id"], df["step"] = run_id, step
                 evals.append(df)
-            for f in _read_artifacts(client, run_id, "train", Path(tmp) / run_id / "t"):
-                df = pd.read_parquet(f)
-                df["run_id"] = run_id
-                grads.append(df)
-            history = client.get_metric_history(run_id, "train/loss")
+            for f in _read_artifacts(client, run_id, artifacts.TRAIN_DIR, Path(tmp) / run_id / "t"):
+                if f.name == artifacts.GRAD_WEIGHT_FILE:
+                    df = pd.read_parquet(f, columns=artifacts.GRAD_WEIGHT_COLUMNS)
+                    df["run_id"] = run_id
+                    grads.append(df)
+            history = client.get_metric_history(run_id, artifacts.TRAIN_LOSS_METRIC)
             curves.append(pd.DataFrame({"run_id": run_id, "step": [m.step for m in history],
                                         "value": [m.value for m in history]}))
     return RunData(
@@ -122,5 +137,4 @@ def load(uri: str, runs: pd.DataFrame, parent_run_id: str | None = None) -> RunD
         evals=pd.concat(evals, ignore_index=True),
         grad_weights=pd.concat(grads, ignore_index=True) if grads else pd.DataFrame(),
         curves=pd.concat(curves, ignore_index=True),
-        parent_run_id=parent_run_id,
     )

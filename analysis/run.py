@@ -15,8 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import plots, report
 from analysis.compute import Options, Results, analyse
-from analysis.errors import AnalysisError
-from analysis.load import load, select_runs
+from analysis.load import AnalysisError, load, select_runs
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
         raise AnalysisError(f"--out {out} exists and does not hold an earlier report; choose an empty folder")
     runs = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id)
-    data = load(uri, runs, parent_run_id)
+    data = load(uri, runs)
     results = analyse(data, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

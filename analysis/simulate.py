@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import RunData
+from harness import artifacts
 
 
 def simulated_runs(n_examples: int, modes=("mean", "sum"), seeds=(0, 1), steps=(100,), effect=None,
@@ -24,7 +25,8 @@ def simulated_runs(n_examples: int, modes=("mean", "sum"), seeds=(0, 1), steps=(
         for mode in modes:
             run_id = f"{mode}-s{seed}"
             runs.append(dict(run_id=run_id, run_name=run_id, status="FINISHED", reduce_loss=mode, seed=str(seed),
-                             pair_id=f"pair-{seed}", init_fingerprint=f"init-{seed}", data_fingerprint=f"data-{seed}"))
+                             pair_id=f"pair-{seed}", init_fingerprint=f"init-{seed}", data_fingerprint=f"data-{seed}",
+                             schema_version=artifacts.SCHEMA_VERSION))
             for step in steps:
                 loss_mean = difficulty + rng.normal(0, noise, n_examples)
                 if effect is not None:

@@ -18,14 +18,13 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from harness.batching import collate
-from harness.data import prepare_data
+from harness.config import CONF_DIR
+from harness.data_order import training_order
 from harness.distributed import World
 from harness.model import build_model, load_tokenizer
-from harness.preflight import CONF_DIR
 from harness.reduction import MODES
-from harness.schedule import split_step, training_order
-from harness.train import accumulate_gradients, step_counts
+from harness.step import train_step
+from harness.tokenise import prepare_data
 
 GPU_MODEL = dict(hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12, num_kv_heads=4)
 
@@ -60,14 +59,10 @@ def main() -> None:
             torch.cuda.synchronize()
         tic = time.perf_counter()
         for ids in step_ids:
-            micro = split_step(ids, 1, args.grad_accum, 0)
-            batches = [collate([data.train[i] for i in idx], **layout).to(device) for idx in micro]
-            counts = step_counts(batches, World(), device)
-            accumulate_gradients(model, batches, counts, mode, 1.0, torch.bfloat16 if autocast else None)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += sum(data.train[i].seq_len for i in ids)
+            record = train_step(model, optimizer, None, data.train, ids, mode=mode, loss_scale=1.0,
+                                max_grad_norm=1.0, grad_accum=args.grad_accum, world=World(), layout=layout,
+                                device=device, autocast_dtype=torch.bfloat16 if autocast else None)
+            tokens += record.tokens
         if device.type == "cuda":
             torch.cuda.synchronize()
         return tokens / (time.perf_counter() - tic)

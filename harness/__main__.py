@@ -11,8 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.preflight import CONF_DIR, CONFIG_NAME, main_or_exit
-from harness.tracking import parent_run_id
+from harness.artifacts import parent_run_id
+from harness.config import CONF_DIR, CONFIG_NAME
+from harness.preflight import main_or_exit
 from harness.train import train
 
 log = logging.getLogger("harness")

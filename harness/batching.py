@@ -10,11 +10,36 @@ builds a block-diagonal (document) causal mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from harness.chat_format import IGNORE
-from harness.data import Example
+
+
+@dataclass
+class Example:
+    example_id: str
+    input_ids: list[int]
+    targets: list[int]  # targets[t] is the label of token t+1; IGNORE where no loss
+
+    @classmethod
+    def from_labels(cls, example_id: str, input_ids: list[int], labels: list[int]) -> "Example":
+        """From labels aligned with the inputs (labels[t] is token t, if it carries loss)."""
+        return cls(example_id, list(input_ids), list(labels[1:]) + [IGNORE])
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids)
+
+    @cached_property
+    def target_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, targets) as tensors, made once and reused by every batch."""
+        return torch.tensor(self.input_ids), torch.tensor(self.targets)
 
 
 @dataclass

@@ -16,11 +16,19 @@ class ConversationError(ValueError):
     """A conversation that cannot be trained on (says which and why)."""
 
 
+# What the length policy made of a conversation.
+OK, TRUNCATED, DROPPED_TOO_LONG, DROPPED_NO_TARGET = "ok", "truncated", "dropped_too_long", "dropped_no_target"
+
+
 @dataclass
 class Encoded:
-    input_ids: list[int]
+    input_ids: list[int]  # empty when dropped
     labels: list[int]  # IGNORE except on assistant tokens
-    truncated: bool
+    status: str  # OK | TRUNCATED | DROPPED_TOO_LONG | DROPPED_NO_TARGET
+
+    @property
+    def dropped(self) -> bool:
+        return self.status in (DROPPED_TOO_LONG, DROPPED_NO_TARGET)
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -70,18 +78,18 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def encode_truncated(tokenizer, messages, max_seq_len: int, policy: str) -> Encoded | None:
-    """Apply the length policy. None means drop (too long under `drop`, or nothing to learn)."""
+def encode_truncated(tokenizer, messages, max_seq_len: int, policy: str) -> Encoded:
+    """Apply the length policy (`truncate` or `drop`); the status says what happened."""
     ids, labels = encode(tokenizer, messages)
     truncated = len(ids) > max_seq_len
     if truncated:
         if policy == "drop":
-            return None
+            return Encoded([], [], DROPPED_TOO_LONG)
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
     # labels[0] never counts: the first token has nothing before it to predict it from.
     if all(label == IGNORE for label in labels[1:]):
-        return None
-    return Encoded(ids, labels, truncated)
+        return Encoded([], [], DROPPED_NO_TARGET)
+    return Encoded(ids, labels, TRUNCATED if truncated else OK)
 
 
 def normalize_messages(messages, role_names: dict[str, str], where: str) -> list[dict]:

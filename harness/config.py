@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType
 
 from harness.distributed import world_from_env
 from harness.reduction import MODES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "train"
 
 
 class ConfigError(ValueError):
@@ -58,14 +63,14 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _int("data.max_seq_len", d.max_seq_len)
     _choice("data.truncation", d.truncation, ("truncate", "drop"))
-    if d.packing:
+    if d.packing and d.pack_length is not None:  # null: rows of max_seq_len tokens
         _int("data.pack_length", d.pack_length)
         if d.pack_length < d.max_seq_len:
             raise ConfigError(
                 f"data.pack_length={d.pack_length} is shorter than data.max_seq_len={d.max_seq_len}; "
                 "a packed row must hold the longest example"
             )
-    if d.kind == "hf" and d.get("path") in (None, "???"):
+    if d.kind == "hf" and (OmegaConf.is_missing(d, "path") or d.path is None):
         raise ConfigError("data.path is not set; give a Hub name or json/parquet/csv with data.data_files")
 
     m = cfg.model
@@ -74,6 +79,11 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.init", m.init, ("pretrained", "random"))
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def row_length(data_cfg) -> int:
+    """Tokens per packed row."""
+    return data_cfg.pack_length or data_cfg.max_seq_len
 
 
 def pair_key(cfg: DictConfig) -> dict:

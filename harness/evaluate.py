@@ -1,15 +1,16 @@
-"""Validation loss of every example."""
+"""Validation loss of every example, written where the analysis reads it (harness/artifacts.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from harness import artifacts
 from harness.batching import collate
 from harness.distributed import World, gather_to_main
 from harness.losses import per_example_sums, token_nll
-
-COLUMNS = ["example_id", "seq_len", "target_tokens", "loss_sum", "loss_mean"]
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, ro
     gathered = gather_to_main(rows, world)
     if not world.is_main:
         return None
-    df = pd.DataFrame([r for part in gathered for r in part], columns=COLUMNS[:4])
+    df = pd.DataFrame([r for part in gathered for r in part], columns=artifacts.EVAL_COLUMNS[:4])
     df["loss_mean"] = df.loss_sum / df.target_tokens
     return df.sort_values("example_id", ignore_index=True)
 
@@ -39,3 +40,20 @@ def summary(df: pd.DataFrame) -> dict[str, float]:
         "val/token_loss": float(df.loss_sum.sum() / df.target_tokens.sum()),
         "val/seq_loss": float(df.loss_mean.mean()),
     }
+
+
+def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
+                     layout: dict, device: torch.device, world: World) -> dict[str, float]:
+    """Evaluate, write `eval/step_<step>.parquet` (and `eval/final.parquet` at the end) into
+    `out_dir` and the run, log the summary metrics, and return them (empty off rank 0)."""
+    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, **layout)
+    if df is None:
+        return {}
+    folder = out_dir / artifacts.EVAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [artifacts.eval_file(step)] + ([artifacts.FINAL_EVAL] if final else []):
+        df.to_parquet(folder / name)
+        tracker.artifact(folder / name, artifacts.EVAL_DIR)
+    metrics = summary(df)
+    tracker.metrics(metrics, step=step)
+    return metrics

@@ -31,19 +31,16 @@ def _check_local(path: str, need_weights: bool) -> None:
         raise ModelError(f"model.name_or_path={path!r}: folder holds no safetensors weights")
 
 
-def check_model_source(cfg) -> None:
-    """Fail early, in one line, on a local model folder that is missing or holds no weights."""
-    if cfg.kind == "hf":
-        _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
-
-
 def load_tokenizer(cfg):
-    """The tokenizer of the model config `cfg` (the `model` group), with a chat template."""
+    """The tokenizer of the model config `cfg` (the `model` group), with a chat template.
+
+    Opening the model source here, first, makes a missing folder or missing weights fail in one
+    line before anything else starts."""
     if cfg.kind == "tiny_llama":
         return build_char_tokenizer()
-    _check_local(cfg.name_or_path, need_weights=False)
+    _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
     tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.get("chat_template"):
+    if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if not tokenizer.chat_template:
         raise ModelError(
@@ -74,7 +71,6 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
         )
         config._attn_implementation = cfg.attn_implementation
         return LlamaForCausalLM(config).to(dtype)
-    check_model_source(cfg)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if cfg.init == "random":
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)

@@ -5,8 +5,6 @@ training and before any MLflow run exists."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import datasets
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -15,13 +13,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 
 from harness.chat_format import ConversationError
-from harness.config import ConfigError, validate
-from harness.data import DataError, prepare_data
+from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
 from harness.distributed import world_from_env
-from harness.model import ModelError, check_model_source, load_tokenizer
+from harness.model import ModelError, load_tokenizer
+from harness.sources import DataError
+from harness.tokenise import prepare_data
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-CONFIG_NAME = "train"
 USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
 
 
@@ -90,7 +87,6 @@ def check_command_line(argv: list[str]) -> None:
                 key = str((cfg.model, cfg.data))
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
-                    check_model_source(cfg.model)
                     tokenizer = load_tokenizer(cfg.model)
                     if cfg.data.kind != "synthetic" and world_from_env().is_main:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it

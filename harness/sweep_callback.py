@@ -13,8 +13,9 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from harness.artifacts import parent_run_id, resolve_uri
 from harness.distributed import world_from_env
-from harness.tracking import parent_run_id, start_parent_run
+from harness.tracking import start_parent_run
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ class SweepTracking(Callback):
         client = MlflowClient(mlflow.get_tracking_uri())
         status = "FAILED" if self.failures else "FINISHED"
         if self.analyse:
-            from analysis.sweep import analyse_sweep
+            from analysis.compute import Options  # the one place the harness reaches the analysis
+            from analysis.run import run_analysis
 
             try:
-                analyse_sweep(parent, config.tracking, sweep_dir / "analysis")
+                run_analysis(resolve_uri(config.tracking.uri), sweep_dir / "analysis", Options(), parent_run_id=parent)
             except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
                 log.error("analysis of the sweep failed: %s", e)
                 client.set_tag(parent, "analysis_error", str(e)[:5000])

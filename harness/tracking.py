@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from harness.artifacts import PARENT_ID_FILE, resolve_uri
+
 log = logging.getLogger(__name__)
-PARENT_ID_FILE = "mlflow_parent_run_id"
 MAX_PARAM_CHARS = 500
-
-
-def resolve_uri(uri: str) -> str:
-    """`sqlite:///mlflow.db` means a file in the launch directory; make it absolute."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def _default_artifact_root(uri: str) -> str | None:
@@ -64,11 +56,6 @@ def start_parent_run(tracking_cfg, sweep_dir: Path, tags: dict[str, str]) -> str
     return run.info.run_id
 
 
-def parent_run_id(sweep_dir: Path) -> str | None:
-    f = sweep_dir / PARENT_ID_FILE
-    return f.read_text().strip() if f.exists() else None
-
-
 class RunLogger:
     """Logs one training run; a no-op on ranks other than 0."""
 
@@ -87,10 +74,6 @@ class RunLogger:
     def params(self, params: dict) -> None:
         if self.enabled:
             mlflow.log_params(params)
-
-    def tags(self, tags: dict) -> None:
-        if self.enabled:
-            mlflow.set_tags(tags)
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from analysis.compute import Options, analyse
-from analysis.errors import AnalysisError
+from analysis.load import AnalysisError
 from analysis.simulate import simulated_runs
 
 TOP = 900  # seq_len above this is (part of) the longest bucket

@@ -1,9 +1,9 @@
 import pytest
 
-from harness.batching import pad
-from harness.chat_format import IGNORE, ConversationError, encode, encode_truncated, normalize_messages
+from harness.batching import Example, pad
+from harness.chat_format import (DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE, OK, TRUNCATED, ConversationError,
+                                 encode, encode_truncated, normalize_messages)
 from harness.chat_tokenizer import build_char_tokenizer
-from harness.data import _to_example
 
 CONVERSATION = [
     {"role": "system", "content": "be brief"},
@@ -42,8 +42,8 @@ def test_prompt_tokens_carry_no_loss(tok):
 
 
 def test_padding_carries_no_loss(tok):
-    short = _to_example("a", *encode(tok, CONVERSATION[:3]))
-    long = _to_example("b", *encode(tok, CONVERSATION))
+    short = Example.from_labels("a", *encode(tok, CONVERSATION[:3]))
+    long = Example.from_labels("b", *encode(tok, CONVERSATION))
     batch = pad([short, long], pad_id=tok.pad_token_id)
     row = batch.targets[0]
     assert (row[short.seq_len :] == IGNORE).all()
@@ -53,11 +53,14 @@ def test_padding_carries_no_loss(tok):
 
 def test_truncate_and_drop(tok):
     ids, _ = encode(tok, CONVERSATION)
-    assert encode_truncated(tok, CONVERSATION, len(ids) + 5, "drop").truncated is False
-    assert encode_truncated(tok, CONVERSATION, len(ids) - 3, "drop") is None
+    whole = encode_truncated(tok, CONVERSATION, len(ids) + 5, "drop")
+    assert whole.status == OK and whole.input_ids == ids and not whole.dropped
+    too_long = encode_truncated(tok, CONVERSATION, len(ids) - 3, "drop")
+    assert too_long.status == DROPPED_TOO_LONG and too_long.dropped and too_long.input_ids == []
     cut = encode_truncated(tok, CONVERSATION, len(ids) - 3, "truncate")
-    assert cut.truncated and len(cut.input_ids) == len(ids) - 3
-    assert encode_truncated(tok, CONVERSATION, 20, "truncate") is None  # no assistant token left
+    assert cut.status == TRUNCATED and len(cut.input_ids) == len(ids) - 3 and not cut.dropped
+    nothing = encode_truncated(tok, CONVERSATION, 20, "truncate")  # no assistant token left
+    assert nothing.status == DROPPED_NO_TARGET and nothing.dropped
 
 
 @pytest.mark.parametrize("messages, message", [

@@ -2,35 +2,12 @@
 
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-QUICK = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.batch_size=8",
-         "data.num_train=64", "data.num_val=24"]
-
-
-def run_cli(args: list[str], cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
-    if prelude:  # patch something, then run the real entry point
-        code = textwrap.dedent(prelude) + f"\nimport sys\nsys.argv = ['harness'] + {args!r}\nfrom harness.__main__ import main\nmain()\n"
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd = [sys.executable, "-m", "harness", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def child_runs(cwd: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    uri = f"sqlite:///{cwd / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(search_all_experiments=True)
-    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
-    children = runs[runs["tags.mlflow.parentRunId"].notna()]
-    return parents, children
+from tests.helpers.cli import QUICK, child_runs, run_cli
 
 
 @pytest.mark.slow
@@ -81,7 +58,7 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     ("seed=abc", "seed='abc' is not an integer"),
     ("trainer.batch_size=1", "trainer.batch_size=1 leaves a rank without data"),
     ("loss_scale=0", "loss_scale=0 must be a number > 0"),
-    ("data.packing=true", "data.pack_length=None is not an integer"),
+    ("data.packing=true data.pack_length=abc", "data.pack_length='abc' is not an integer"),
     ("data.packing=true data.pack_length=100", "data.pack_length=100 is shorter than data.max_seq_len=512"),
 ])
 def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, expected):
@@ -95,13 +72,13 @@ def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, 
 @pytest.mark.slow
 def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     prelude = """
-        import harness.train as train
-        real = train.token_weights
+        import harness.step as step
+        real = step.token_weights
         def failing(mode, *args, **kwargs):
             if mode == "sum":
                 raise RuntimeError("injected failure in the sum run")
             return real(mode, *args, **kwargs)
-        train.token_weights = failing
+        step.token_weights = failing
     """
     proc = run_cli(["-m", "reduce_loss=sum,mean", *QUICK], tmp_path, prelude)
     assert proc.returncode != 0

@@ -2,7 +2,7 @@ import pandas as pd
 
 from harness.distributed import World
 from harness.evaluate import evaluate
-from tests.conftest import make_examples, tiny_model
+from tests.helpers.models import make_examples, tiny_model
 
 LENGTHS = [5, 9, 17, 33, 12, 60, 7, 25, 41, 4]
 

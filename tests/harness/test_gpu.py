@@ -5,8 +5,8 @@ import torch
 import torch.multiprocessing as mp
 
 from harness.reduction import MODES
-from tests.conftest import make_examples, rel_err
-from tests.harness.test_reduction import TOL, UNEQUAL, chunks_of, formula_grad, harness_grad, two_rank_worker
+from tests.helpers.gradients import TOL, UNEQUAL, chunks_of, formula_grad, harness_grad, two_rank_worker
+from tests.helpers.models import make_examples, rel_err
 
 
 @pytest.mark.gpu

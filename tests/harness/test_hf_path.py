@@ -1,20 +1,22 @@
 """model=hf data=hf on a tiny saved model and a tulu-format JSONL, through the real CLI."""
 
 import json
-import os
 
 import mlflow
 import pandas as pd
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from omegaconf import OmegaConf
+
 from harness.chat_format import IGNORE
 from harness.chat_tokenizer import build_char_tokenizer
-from harness.data import DataError, prepare_data
+from harness.config import CONF_DIR
 from harness.fingerprint import params_fingerprint
 from harness.model import ModelError, build_model, load_tokenizer
-from omegaconf import OmegaConf
-from tests.harness.test_cli import child_runs, run_cli
+from harness.sources import DataError
+from harness.tokenise import prepare_data
+from tests.helpers.cli import run_cli
 
 # ChatML without generation markers: assistant spans must come from prefix rendering.
 PLAIN_CHATML = (
@@ -60,14 +62,14 @@ def assets(tmp_path_factory):
 
 
 def data_cfg(files, **over):
-    base = OmegaConf.load(os.path.join(os.path.dirname(__file__), "../../conf/data/hf.yaml"))
+    base = OmegaConf.load(CONF_DIR / "data" / "hf.yaml")
     return OmegaConf.merge(base, {"path": "json", "data_files": {k: str(v) for k, v in files.items()},
                                   "val_split": "validation", "id_column": "id", "max_seq_len": MAX_SEQ_LEN,
                                   "cache_dir": str(files["train"].parent / "cache")}, over)
 
 
 def model_cfg(model_dir, **over):
-    base = OmegaConf.load(os.path.join(os.path.dirname(__file__), "../../conf/model/hf.yaml"))
+    base = OmegaConf.load(CONF_DIR / "model" / "hf.yaml")
     return OmegaConf.merge(base, {"name_or_path": str(model_dir), "dtype": "float32"}, over)
 
 
@@ -102,10 +104,10 @@ def test_tokenizer_without_chat_template_needs_one(assets, tmp_path):
     root, model_dir, files, rows = assets
     tok = build_char_tokenizer()
     tok.chat_template = None
-    tok.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)  # a tokenizer alone: no weights, so init=random
     with pytest.raises(ModelError, match="has no chat template; set model.chat_template"):
-        load_tokenizer(model_cfg(tmp_path))
-    assert load_tokenizer(model_cfg(tmp_path, chat_template=PLAIN_CHATML)).chat_template == PLAIN_CHATML
+        load_tokenizer(model_cfg(tmp_path, init="random"))
+    assert load_tokenizer(model_cfg(tmp_path, init="random", chat_template=PLAIN_CHATML)).chat_template == PLAIN_CHATML
 
 
 def hf_args(model_dir, files, cache_dir, *extra):

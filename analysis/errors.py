@@ -1,2 +1,0 @@
-class AnalysisError(Exception):
-    """Bad selection or options; the message is one line."""

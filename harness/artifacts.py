@@ -1,0 +1,65 @@
+"""The contract between a training run and the analysis: every name a run writes and the
+analysis reads. Torch-free, so the analysis imports it without the training stack.
+
+A run is an MLflow child run of its sweep's parent run, tagged with `RUN_TAGS`, holding
+- `eval/step_<8 digits>.parquet` at every evaluation and `eval/final.parquet` (EVAL_COLUMNS),
+- `train/train_grad_weight.parquet` (GRAD_WEIGHT_COLUMNS),
+- the metric `train/loss` (token-mean NLL of each step).
+Runs of another `SCHEMA_VERSION` are refused by the analysis.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SCHEMA_VERSION = "1"  # bump when a name or column below changes meaning
+
+# Tags of every training run.
+TAG_MODE = "reduce_loss"
+TAG_SEED = "seed"
+TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in reduce_loss
+TAG_INIT = "init_fingerprint"  # hash of the initial parameters
+TAG_DATA = "data_fingerprint"  # hash of the ordered training example ids
+TAG_SCHEMA = "schema_version"
+RUN_TAGS = [TAG_MODE, TAG_SEED, TAG_PAIR, TAG_INIT, TAG_DATA, TAG_SCHEMA]
+FINGERPRINT_TAGS = [TAG_INIT, TAG_DATA]
+
+# The sweep folder holds the parent run's id, so jobs and the analysis can find it.
+PARENT_ID_FILE = "mlflow_parent_run_id"
+
+# Per-example validation losses, one row per validation example.
+EVAL_DIR = "eval"
+FINAL_EVAL = "final.parquet"
+EVAL_COLUMNS = ["example_id", "seq_len", "target_tokens", "loss_sum", "loss_mean"]
+_STEP_FILE = re.compile(r"^step_(\d{8})\.parquet$")
+
+# Per training example: times seen and the gradient weight it carried over the run.
+TRAIN_DIR = "train"
+GRAD_WEIGHT_FILE = "train_grad_weight.parquet"
+GRAD_WEIGHT_COLUMNS = ["example_id", "seq_len", "target_tokens", "times_seen", "grad_weight"]
+
+TRAIN_LOSS_METRIC = "train/loss"
+
+
+def eval_file(step: int) -> str:
+    return f"step_{step:08d}.parquet"
+
+
+def step_of(file_name: str) -> int | None:
+    """The step of an `eval/step_<8 digits>.parquet` file name; None for any other name."""
+    match = _STEP_FILE.match(Path(file_name).name)
+    return int(match.group(1)) if match else None
+
+
+def parent_run_id(sweep_dir: Path) -> str | None:
+    f = Path(sweep_dir) / PARENT_ID_FILE
+    return f.read_text().strip() if f.exists() else None
+
+
+def resolve_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` means a file in the launch directory; make it absolute."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri

@@ -1,0 +1,98 @@
+"""Conversations to training examples: chat template, loss only on assistant tokens, the length
+policy, and an on-disk cache of the tokenised rows (`datasets` caches by file name)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+from omegaconf import OmegaConf
+
+from harness.batching import Example
+from harness.chat_format import ConversationError, encode_truncated, normalize_messages
+from harness.sources import DataError, Source, load_source
+
+log = logging.getLogger(__name__)
+TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
+CACHE_KEYS = ("path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
+              "messages_column", "id_column", "role_names", "max_seq_len", "truncation")
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    val: list[Example]
+    counts: dict[str, int] = field(default_factory=dict)  # "<split>/<status>" for every status but ok
+    cache_reused: bool = False
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    state = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else str(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((state + str(tokenizer.chat_template)).encode()).hexdigest()[:16]
+
+
+def _cache_key(cfg, tokenizer, split_name: str) -> str:
+    relevant = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(CACHE_KEYS)), resolve=True)
+    blob = json.dumps(relevant, sort_keys=True) + tokenizer_fingerprint(tokenizer) + TOKENISATION_VERSION + split_name
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, bool]:
+    split = source.train if split_name == "train" else source.val
+
+    def encode_rows(batch):
+        out = {"input_ids": [], "labels": [], "status": []}
+        for row, messages in zip(batch["row"], batch["messages"]):
+            where = f"{source.name}, split {source.splits[split_name]!r} row {row}, column {source.column!r}"
+            try:
+                messages = normalize_messages(messages, source.role_names, where)
+                enc = encode_truncated(tokenizer, messages, cfg.max_seq_len, cfg.truncation)
+            except ConversationError as e:
+                raise DataError(str(e)) from None
+            out["input_ids"].append(enc.input_ids)
+            out["labels"].append(enc.labels)
+            out["status"].append(enc.status)
+        return out
+
+    kwargs = dict(batched=True, remove_columns=["messages", "row"], desc=f"tokenising {split_name}")
+    reused = False
+    if source.cacheable:
+        cache_dir = os.path.expanduser(cfg.cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(cache_dir, f"tokenized-{_cache_key(cfg, tokenizer, split_name)}.arrow")
+        reused = bool(glob.glob(cache_file[: -len(".arrow")] + "*.arrow"))
+        kwargs.update(cache_file_name=cache_file, load_from_cache_file=True, num_proc=cfg.num_proc or None)
+    return split.map(encode_rows, **kwargs), reused
+
+
+def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: str) -> list[Example]:
+    examples = []
+    for row in tokenized:
+        status = row["status"]
+        if status != "ok":
+            counts[f"{split_name}/{status}"] = counts.get(f"{split_name}/{status}", 0) + 1
+        if row["input_ids"]:  # dropped rows have none
+            examples.append(Example.from_labels(row["example_id"], row["input_ids"], row["labels"]))
+    return examples
+
+
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Tokenised train and validation examples of the data config `cfg` (the `data` group)."""
+    source = load_source(cfg)
+    counts: dict[str, int] = {}
+    train_tok, reused_train = _tokenize(source, "train", cfg, tokenizer)
+    val_tok, reused_val = _tokenize(source, "validation", cfg, tokenizer)
+    train, val = _examples(train_tok, counts, "train"), _examples(val_tok, counts, "validation")
+    if counts:
+        log.info("length policy %s at max_seq_len=%d: %s", cfg.truncation, cfg.max_seq_len,
+                 ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if not train:
+        raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
+    if not val:
+        raise DataError(f"data: every validation example was dropped ({counts})")
+    return PreparedData(train, val, counts, cache_reused=reused_train and reused_val)

@@ -1,0 +1,75 @@
+"""Config composition and every documented bad input, in process (fast): the same check the
+command line runs before Hydra starts (harness/preflight.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import CONF_DIR
+from harness.preflight import InputError, check_command_line, job_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+OFFLINE = {"tulu_qwen_0p5b"}  # opens a Hub model: composed and validated here, not opened
+
+
+def test_experiments_folder_is_what_the_config_group_links_to():
+    assert (CONF_DIR / "experiment").resolve() == (CONF_DIR.parent / "experiments").resolve()
+    assert EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_preset_composes_and_validates(name, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import CONFIG_NAME, validate
+
+    for overrides in job_overrides(["-m", f"+experiment={name}"]):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(CONFIG_NAME, overrides=overrides)
+        validate(cfg)
+        assert cfg.reduce_loss in ("mean", "sum", "token_mean", "seq_mean")
+    if name not in OFFLINE:
+        check_command_line(["-m", f"+experiment={name}"])
+
+
+def test_a_preset_sweep_expands_into_its_jobs():
+    jobs = job_overrides(["-m", "+experiment=all_modes"])
+    assert len(jobs) == 12  # four modes x three seeds
+
+
+def test_help_like_flags_compose_nothing():
+    for flag in ("--help", "--hydra-help", "--info"):
+        assert job_overrides([flag]) is None
+
+
+def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
+    check_command_line(["data.packing=true"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["reduce_loss=median"], "reduce_loss='median' is not valid; choose one of: mean, sum, token_mean, seq_mean"),
+    (["model=nope"], "model=nope is not a known option; choose one of: hf, tiny_llama"),
+    (["data=nope"], "data=nope is not a known option; choose one of: hf, synthetic"),
+    (["seed=abc"], "seed='abc' is not an integer"),
+    (["trainer.batch_size=1"], "trainer.batch_size=1 leaves a rank without data"),
+    (["trainer.batch_size=6", "trainer.grad_accum=4"], "trainer.batch_size=6 must be a multiple of grad_accum"),
+    (["trainer.lr=0"], "trainer.lr=0 must be a number > 0"),
+    (["trainer.device=tpu"], "trainer.device='tpu' is not valid"),
+    (["trainer.scheduler=nope"], "trainer.scheduler='nope' is not valid"),
+    (["loss_scale=0"], "loss_scale=0 must be a number > 0"),
+    (["data.packing=true", "data.pack_length=abc"], "data.pack_length='abc' is not an integer"),
+    (["data.packing=true", "data.pack_length=100"], "data.pack_length=100 is shorter than data.max_seq_len=512"),
+    (["data.truncation=cut"], "data.truncation='cut' is not valid"),
+    (["reduce_loss=mean,sum"], "reduce_loss=mean,sum is a sweep; add -m"),
+    (["model=hf"], "model.name_or_path is not set"),
+    (["data=hf"], "data.path is not set"),
+    (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    (["data=hf", "data.path=json", "data.data_files=/no/such.jsonl"], "data.data_files: no such file '/no/such.jsonl'"),
+])
+def test_bad_input_is_one_clear_line(argv, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as e:
+        check_command_line(["-m", *argv] if "," not in " ".join(argv) else argv)
+    message = str(e.value)
+    assert expected in message and "\n" not in message, message
+    assert list(Path(tmp_path).iterdir()) == []  # nothing written

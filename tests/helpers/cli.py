@@ -1,0 +1,34 @@
+"""The real command line in a subprocess, and the runs it left in MLflow."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+QUICK = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.batch_size=8",
+         "data.num_train=64", "data.num_val=24"]
+
+
+def run_cli(args: list[str], cwd: Path, prelude: str = "", module: str = "harness") -> subprocess.CompletedProcess:
+    """`python -m <module> args` in `cwd`; with `prelude`, patch something first, then run
+    the real entry point."""
+    if prelude:
+        code = (textwrap.dedent(prelude) + f"\nimport sys\nsys.argv = ['{module}'] + {args!r}\n"
+                f"from {module}.__main__ import main\nsys.exit(main())\n")
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def child_runs(cwd: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(parent runs, child runs) of the store `cwd/mlflow.db`."""
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    return parents, children

@@ -20,8 +20,10 @@ from harness.config import pair_key, row_length, validate
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.losses import CausalLMLoss, supports_chunked_loss
 from harness.model import build_model, load_tokenizer
-from harness.step import train_step
+from harness.prefetch import ahead
+from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
 from harness.tracking import RunLogger, flat_params
 
@@ -82,16 +84,22 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     log.info("training on %s (%s), world size %d", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model = run.model.to(device).train()
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.size > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
+    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
-    step_args = dict(mode=cfg.reduce_loss, loss_scale=cfg.loss_scale, max_grad_norm=t.max_grad_norm,
-                     grad_accum=t.grad_accum, world=world, layout=layout, device=device,
+    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
+    step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
                      autocast_dtype=torch.bfloat16 if t.precision == "bf16-mixed" else None)
-    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world)
+    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world, chunk_tokens=chunk)
     train_set = run.data.train
+
+    def plan(step: int):
+        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=cfg.loss_scale,
+                         split=split, world=world, layout=layout)
+        return made.pin() if device.type == "cuda" else made
 
     tracker = RunLogger(enabled=world.is_main)
     tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity, parent_run_id)
@@ -101,10 +109,11 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
         meter = Throughput()
         val_metrics: dict[str, float] = {}
-        progress = tqdm(range(1, t.max_steps + 1), desc=f"{cfg.reduce_loss} seed {cfg.seed}",
+        progress = tqdm(total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
-        for step in progress:
-            record = train_step(ddp, optimizer, scheduler, train_set, run.steps[step - 1], **step_args)
+        for step, step_plan in ahead(plan, range(1, t.max_steps + 1), background=device.type == "cuda"):
+            record = run_step(step_model, optimizer, scheduler, step_plan, **step_args)
+            progress.update()
             grad_weight.index_add_(0, record.example_index, record.example_weight)
             times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
             meter.add(record.tokens)
@@ -114,6 +123,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                 val_metrics = evaluate_and_log(model, run.data.val, step, step == t.max_steps, out_dir, tracker,
                                                **eval_args)
                 meter.restart()  # evaluation time is not training throughput
+        progress.close()
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
     except BaseException as error:
@@ -143,6 +153,29 @@ class Throughput:
         return rate
 
 
+def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
+    """Tokens per chunk of the chunked loss (harness/losses.py), or None for the plain path.
+    `auto`: chunked on CUDA, with chunks whose float32 logits take about 1 GiB."""
+    if setting == "auto":
+        if device.type != "cuda" or not supports_chunked_loss(model):
+            return None
+        return max(256, (2**28 // model.config.vocab_size) // 256 * 256)
+    if setting is not None and not supports_chunked_loss(model):
+        raise ValueError("trainer.loss_chunk_tokens: this model's LM head has a bias or logit scaling; "
+                         "set trainer.loss_chunk_tokens=null")
+    return setting
+
+
+def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device):
+    """DDP across ranks, then torch.compile (`auto`: on CUDA)."""
+    wrapped = loss_model
+    if world.size > 1:
+        wrapped = DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_setting is True or (compile_setting == "auto" and device.type == "cuda"):
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,14 +189,14 @@ def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world
 def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogger, progress) -> None:
     """The step's metrics, summed over ranks (this syncs with the device)."""
     nll_total, objective_total = distributed.all_reduce_float([record.nll_sum, record.objective])
-    train_loss = nll_total / record.counts.tokens
+    train_loss = nll_total / record.target_tokens
     tracker.metrics({
         artifacts.TRAIN_LOSS_METRIC: train_loss,  # token-mean NLL of the step: comparable across modes
         "train/objective": objective_total,  # what this mode minimises
         "train/grad_norm": float(record.grad_norm),  # before clipping
         "train/clipped": float(record.clipped),
         "train/lr": scheduler.get_last_lr()[0],
-        "train/target_tokens": record.counts.tokens,
+        "train/target_tokens": record.target_tokens,
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

@@ -48,6 +48,7 @@ class MicroBatch:
     targets: torch.Tensor  # [rows, length], IGNORE where no loss
     position_ids: torch.Tensor  # [rows, length]
     seq_index: torch.Tensor  # [rows, length], -1 for padding
+    target_index: torch.Tensor  # flat positions (in rows * length) of the tokens that carry loss
     examples: list[Example]
     packed: bool = False  # several examples per row: the model needs the position ids
 
@@ -56,8 +57,8 @@ class MicroBatch:
         return self.targets != IGNORE
 
     def _map(self, fn) -> "MicroBatch":
-        return MicroBatch(*(fn(t) for t in (self.input_ids, self.targets, self.position_ids, self.seq_index)),
-                          self.examples, self.packed)
+        tensors = (self.input_ids, self.targets, self.position_ids, self.seq_index, self.target_index)
+        return MicroBatch(*(fn(t) for t in tensors), self.examples, self.packed)
 
     def to(self, device) -> "MicroBatch":
         return self._map(lambda t: to_device(t, device))
@@ -91,7 +92,8 @@ def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int, 
             seq_index[r, at : at + n] = i
             at += n
         position_ids[r, at:] = torch.arange(length - at)  # padding: a segment of its own
-    return MicroBatch(input_ids, targets, position_ids, seq_index, examples, packed)
+    target_index = (targets.flatten() != IGNORE).nonzero().squeeze(1)
+    return MicroBatch(input_ids, targets, position_ids, seq_index, target_index, examples, packed)
 
 
 def pad(examples: list[Example], pad_id: int) -> MicroBatch:

@@ -8,7 +8,8 @@ Two paths give the same numbers:
   the gradient of the weighted objective with respect to each chunk's logits is formed at once
   and folded into the gradients of the hidden states and of the LM head, so no [tokens,
   vocabulary] tensor outlives its chunk. The token weights are known before the forward pass
-  (harness/reduction.py), which is what makes this possible.
+  (harness/reduction.py), which is what makes this possible. Only tokens that carry loss go
+  through the LM head (prompts and padding need no logits).
 """
 
 from __future__ import annotations
@@ -78,16 +79,23 @@ def supports_chunked_loss(model) -> bool:
 class CausalLMLoss(torch.nn.Module):
     """A causal LM and its per-token loss as one module, so DDP and torch.compile see both.
 
-    forward(input_ids, position_ids, targets, weights) -> (sum_t weights_t * nll_t, nll), nll
-    shaped like `targets` (0 where there is no target) and detached.
-    `chunk_tokens=None` takes the plain path."""
+    forward(input_ids, position_ids, targets, weights, target_index) -> (sum_t weights_t * nll_t, nll),
+    nll shaped like `targets` (0 where there is no target) and detached; `target_index` lists the
+    flat positions of the tokens with a target (MicroBatch.target_index, made on the host so
+    the device never waits to learn it). `chunk_tokens=None` takes the plain path."""
 
     def __init__(self, model, chunk_tokens: int | None = None):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, position_ids, targets, weights):
+    def compile_model(self) -> None:
+        """torch.compile the transformer in place (parameter names unchanged). The chunked loss
+        stays eager: it is a few large matrix products per chunk, which compiling does not
+        speed up, and its gradients are formed inside an autograd.Function."""
+        (self.model.base_model if self.chunk_tokens is not None else self.model).compile()
+
+    def forward(self, input_ids, position_ids, targets, weights, target_index):
         if self.chunk_tokens is None:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
             nll = F.cross_entropy(logits.to(_accumulation_dtype(logits.dtype)).flatten(0, 1), targets.flatten(),
@@ -96,9 +104,10 @@ class CausalLMLoss(torch.nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings().weight
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad)
-        loss, nll = ChunkedWeightedNLL.apply(hidden.flatten(0, 1), head, targets.flatten(), weights.flatten(),
-                                             self.chunk_tokens, need_grad)
-        return loss, nll.view_as(targets)
+        loss, nll = ChunkedWeightedNLL.apply(hidden.flatten(0, 1)[target_index], head, targets.flatten()[target_index],
+                                             weights.flatten()[target_index], self.chunk_tokens, need_grad)
+        full = torch.zeros(targets.numel(), dtype=nll.dtype, device=nll.device).index_copy_(0, target_index, nll)
+        return loss, full.view_as(targets)
 
 
 def position_ids_of(batch: MicroBatch) -> torch.Tensor | None:
@@ -112,7 +121,7 @@ def token_nll(model, batch: MicroBatch, chunk_tokens: int | None = None) -> torc
     """NLL of every token's target, shape [rows, length]; 0 where there is no target."""
     loss_model = CausalLMLoss(model, chunk_tokens)
     zeros = torch.zeros_like(batch.targets, dtype=torch.float32)
-    return loss_model(batch.input_ids, position_ids_of(batch), batch.targets, zeros)[1]
+    return loss_model(batch.input_ids, position_ids_of(batch), batch.targets, zeros, batch.target_index)[1]
 
 
 def per_example_sums(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:

@@ -126,7 +126,7 @@ def run_step(model, optimizer, scheduler, plan: StepPlan, *, max_grad_norm: floa
         last = k == len(plan.batches) - 1
         with model.no_sync() if ddp and not last else nullcontext():  # DDP all-reduces on the last one
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                loss, nll = model(batch.input_ids, position_ids_of(batch), batch.targets, weights)
+                loss, nll = model(batch.input_ids, position_ids_of(batch), batch.targets, weights, batch.target_index)
             # DDP averages gradients over ranks; W times each rank's share leaves the sum.
             (loss * world.size).backward()
         nll_sum += nll.sum()

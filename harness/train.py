@@ -167,13 +167,12 @@ def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
 
 
 def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device):
-    """DDP across ranks, then torch.compile (`auto`: on CUDA)."""
-    wrapped = loss_model
-    if world.size > 1:
-        wrapped = DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    """torch.compile the model (`auto`: on CUDA), then DDP across ranks."""
     if compile_setting is True or (compile_setting == "auto" and device.type == "cuda"):
-        wrapped = torch.compile(wrapped)
-    return wrapped
+        loss_model.compile_model()
+    if world.size > 1:
+        return DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_model
 
 
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:

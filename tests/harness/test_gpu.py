@@ -30,7 +30,7 @@ def test_two_gpus_with_nccl_match_formula(tmp_path):
 
 def _bf16_setup(vocab=8192, lengths=(300, 41, 977, 12, 530, 88, 1500, 260)):
     """A random model with a larger vocabulary, in float32 with bf16 autocast (how training runs)."""
-    model = tiny_model(dtype=torch.float32, vocab=vocab, positions=4096).cuda()
+    model = tiny_model(dtype=torch.float32, vocab=vocab, positions=4096, hidden=64, heads=4).cuda()  # head dim 16
     return model, make_examples(list(lengths), seed=1, vocab=vocab)
 
 
@@ -51,7 +51,8 @@ def test_chunked_loss_matches_plain_in_bf16():
     for chunk in (None, 1024):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, nll = CausalLMLoss(model, chunk)(batch.input_ids, batch.position_ids, batch.targets, weights)
+            loss, nll = CausalLMLoss(model, chunk)(batch.input_ids, batch.position_ids, batch.targets, weights,
+                                                   batch.target_index)
         loss.backward()
         per_example = per_example_sums(nll.double(), batch) / torch.tensor([e.target_tokens for e in examples], device="cuda")
         results[chunk] = (per_example, torch.cat([p.grad.flatten() for p in model.parameters()]), float(loss))
@@ -92,7 +93,7 @@ def test_compiled_step_with_physical_rows_and_flex_attention_matches_eager(mode)
         model.config._attn_implementation = impl
         step_model = CausalLMLoss(model, chunk)
         if compiled:
-            step_model = torch.compile(step_model)
+            step_model.compile_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
         train_step(step_model, optimizer, None, examples, list(range(len(examples))), mode=mode, loss_scale=1e-3,
                    split=Split(8, None, tokens), max_grad_norm=None, world=World(), device=torch.device("cuda"),

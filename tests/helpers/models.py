@@ -11,10 +11,11 @@ from harness.chat_format import IGNORE
 VOCAB = 50
 
 
-def tiny_model(seed: int = 0, dtype=torch.float64, vocab: int = VOCAB, positions: int = 256) -> LlamaForCausalLM:
+def tiny_model(seed: int = 0, dtype=torch.float64, vocab: int = VOCAB, positions: int = 256, hidden: int = 16,
+               heads: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=positions)
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(dtype)
 

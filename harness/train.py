@@ -21,7 +21,7 @@ from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
 from harness.losses import CausalLMLoss, supports_chunked_loss
-from harness.model import build_model, load_tokenizer
+from harness.model import build_model, choose_attention, load_tokenizer
 from harness.prefetch import ahead
 from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
@@ -42,7 +42,9 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
 @dataclass
 class Setup:
     data: PreparedData
-    model: torch.nn.Module
+    model: torch.nn.Module  # on the device, in training mode
+    step_model: torch.nn.Module  # the model and its loss, compiled and/or in DDP (harness/losses.py)
+    chunk_tokens: int | None  # of the chunked loss; None: the plain path
     steps: list[list[int]]  # the training examples of every step
     pad_id: int
     identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
@@ -50,7 +52,7 @@ class Setup:
 
 def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     """Data, model and data order. Everything that must match within a pair depends on the
-    seed and the config without `reduce_loss` only."""
+    seed and the config without `reduce_loss` only. Then the model moves to the device."""
     tokenizer = load_tokenizer(cfg.model)
     if not world.is_main:
         distributed.barrier(world)  # rank 0 tokenises (and caches) first; the others reuse it
@@ -70,7 +72,14 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         "device": device.type,
         "world_size": str(world.size),
     }
-    return Setup(data, model, steps, tokenizer.pad_token_id, identity)
+    t = cfg.trainer
+    log.info("training on %s (%s), world size %d", device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
+    model = model.to(device).train()
+    choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
+    chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
+    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device)
+    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, identity)
 
 
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
@@ -81,19 +90,15 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     device = pick_device(t.device, world)
     distributed.init(world, device)
     run = set_up(cfg, world, device)
-    log.info("training on %s (%s), world size %d", device,
-             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
-    model = run.model.to(device).train()
-    chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
-    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
     split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
     step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
                      autocast_dtype=torch.bfloat16 if t.precision == "bf16-mixed" else None)
-    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world, chunk_tokens=chunk)
+    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
+                     chunk_tokens=run.chunk_tokens)
     train_set = run.data.train
 
     def plan(step: int):
@@ -112,7 +117,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         progress = tqdm(total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
         for step, step_plan in ahead(plan, range(1, t.max_steps + 1), background=device.type == "cuda"):
-            record = run_step(step_model, optimizer, scheduler, step_plan, **step_args)
+            record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
             progress.update()
             grad_weight.index_add_(0, record.example_index, record.example_weight)
             times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
@@ -120,7 +125,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             if step % t.log_every == 0 or step == t.max_steps:
                 log_step(record, scheduler, meter.rate(), step, tracker, progress)
             if step % t.eval_every == 0 or step == t.max_steps:
-                val_metrics = evaluate_and_log(model, run.data.val, step, step == t.max_steps, out_dir, tracker,
+                val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker,
                                                **eval_args)
                 meter.restart()  # evaluation time is not training throughput
         progress.close()

@@ -5,7 +5,7 @@ Everything here works on pandas frames and returns frames; nothing plots or writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ class Results:
     grad_share: pd.DataFrame  # reduce_loss, bucket, share
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
+    superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:
@@ -156,7 +157,7 @@ def analyse(data: RunData, opts: Options) -> Results:
 
     curves = data.curves.join(info, on="run_id")
     return Results(opts, runs, paired, edges, bucket_labels(edges), bucket_losses, paired_diff,
-                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step)
+                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step, data.superseded)
 
 
 def grad_share(grad_weights: pd.DataFrame, info: pd.DataFrame, edges: np.ndarray, bucket_by: str) -> pd.DataFrame:

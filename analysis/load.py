@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from harness import artifacts
 
+log = logging.getLogger(__name__)
 # Hundreds of small downloads would each draw a progress bar.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -28,6 +30,7 @@ class RunData:
     evals: pd.DataFrame  # run_id, step + artifacts.EVAL_COLUMNS
     grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
+    superseded: list[str] = field(default_factory=list)  # earlier runs of a job that ran again, left out
 
 
 def check_reachable(uri: str) -> None:
@@ -82,7 +85,7 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
         raise AnalysisError("the selected runs include none that FINISHED")
     _require_schema(runs)
     require_two_modes(runs[f"tags.{artifacts.TAG_MODE}"])  # before any artifact is downloaded
-    out = runs[["run_id", "status"]].copy()
+    out = runs[["run_id", "status", "start_time"]].copy()
     out["run_name"] = runs.get("tags.mlflow.runName")
     for tag in artifacts.RUN_TAGS:
         out[tag] = runs.get(f"tags.{tag}")
@@ -110,7 +113,21 @@ def _read_artifacts(client: MlflowClient, run_id: str, folder: str, dest: Path) 
     return sorted(Path(local).glob("*.parquet"))
 
 
+def latest_of_each_job(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(latest, earlier): when a job ran more than once (same pair_id and reduce_loss: the same
+    config, weights and data), the latest run of it, and the earlier ones left out."""
+    by_time = runs.sort_values("start_time", kind="stable") if "start_time" in runs else runs
+    earlier = by_time.duplicated(["pair_id", "reduce_loss"], keep="last")
+    return by_time[~earlier].sort_index().reset_index(drop=True), by_time[earlier]
+
+
 def load(uri: str, runs: pd.DataFrame) -> RunData:
+    """The per-example artifacts and training curves of `runs` (the latest run of each job)."""
+    runs, earlier = latest_of_each_job(runs)
+    superseded = [f"{r.run_name} ({r.run_id})" for r in earlier.itertuples()]
+    if superseded:
+        log.warning("%d run(s) repeat a job that ran again later and are left out: %s",
+                    len(superseded), ", ".join(superseded))
     client = MlflowClient(uri)
     evals, grads, curves = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,4 +154,5 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
         evals=pd.concat(evals, ignore_index=True),
         grad_weights=pd.concat(grads, ignore_index=True) if grads else pd.DataFrame(),
         curves=pd.concat(curves, ignore_index=True),
+        superseded=superseded,
     )

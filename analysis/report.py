@@ -27,6 +27,8 @@ def setup_lines(res: Results) -> list[tuple[str, str]]:
     lines = [("reductions", ", ".join(sorted(runs.reduce_loss.unique()))),
              ("seeds", ", ".join(sorted(runs.seed.astype(str).unique()))),
              ("runs", str(len(runs))),
+             *([("left out", f"{len(res.superseded)} earlier run(s) of jobs that ran again (the latest of each is "
+                             f"compared): {', '.join(res.superseded)}")] if res.superseded else []),
              ("paired", "yes (same init_fingerprint, data_fingerprint and validation examples within each pair)"
               if res.paired else "NO: compared with --allow-unpaired")]
     for label, keys in SETUP_PARAMS:

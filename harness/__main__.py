@@ -11,9 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from harness import signals
 from harness.artifacts import parent_run_id
 from harness.config import CONF_DIR, CONFIG_NAME
 from harness.preflight import main_or_exit
+from harness.sweep_callback import end_open_parent
 from harness.train import train
 
 log = logging.getLogger("harness")
@@ -33,7 +35,15 @@ def app(cfg: DictConfig):
 
 def main() -> None:
     main_or_exit(sys.argv[1:])
-    app()
+    signals.install()
+    try:
+        app()
+    except signals.Interrupted as stop:
+        end_open_parent("KILLED")
+        print(f"error: {stop}; the runs are marked KILLED and the same command resumes them", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    finally:
+        end_open_parent("FAILED")  # left open only if the sweep ended in an error
 
 
 if __name__ == "__main__":

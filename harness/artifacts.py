@@ -22,6 +22,7 @@ TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in red
 TAG_INIT = "init_fingerprint"  # hash of the initial parameters
 TAG_DATA = "data_fingerprint"  # hash of the ordered training example ids
 TAG_SCHEMA = "schema_version"
+TAG_JOB = "job_key"  # the job a run belongs to (harness/jobs.py); runs of one job are duplicates
 RUN_TAGS = [TAG_MODE, TAG_SEED, TAG_PAIR, TAG_INIT, TAG_DATA, TAG_SCHEMA]
 FINGERPRINT_TAGS = [TAG_INIT, TAG_DATA]
 

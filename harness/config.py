@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +13,10 @@ from harness.reduction import MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "train"
+
+# `${uid:}` in conf/train.yaml: a short random id, resolved once per process (use_cache, which
+# Hydra copies into every job's config), so folders of sweeps started in the same second differ.
+OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):
@@ -44,6 +49,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
         _int(f"trainer.{key}", t[key])
     _int("trainer.warmup_steps", t.warmup_steps, minimum=0)
+    _int("trainer.checkpoint_every", t.checkpoint_every, minimum=0)
+    _int("trainer.keep_checkpoints", t.keep_checkpoints)
+    if not isinstance(t.checkpoint_dir, str) or not t.checkpoint_dir:
+        raise ConfigError(f"trainer.checkpoint_dir={t.checkpoint_dir!r} must be a folder name")
     _positive("trainer.lr", t.lr)
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.precision", t.precision, ("fp32", "bf16-mixed"))

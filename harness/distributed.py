@@ -44,6 +44,15 @@ def gather_to_main(obj, world: World) -> list:
     return out
 
 
+def broadcast_from_main(obj, world: World):
+    """Rank 0's `obj` on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -37,12 +37,17 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
     overrides = list(args.overrides)
     if args.multirun:
         overrides = [f"{k}={v}" for k, v in _sweeper_params(overrides).items()] + overrides
+    return expand_jobs(overrides, args.multirun)
+
+
+def expand_jobs(overrides: list[str], multirun: bool = True) -> list[list[str]]:
+    """One list of overrides per job, as Hydra's basic sweeper expands them (hydra.* left out)."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise InputError(str(e).splitlines()[0]) from None
     parsed = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
-    if not args.multirun:
+    if not multirun:
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps:
             raise InputError(f"{sweeps[0]} is a sweep; add -m (--multirun) to run one job per value")

@@ -7,17 +7,55 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mlflow
+from filelock import FileLock, Timeout
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import parent_run_id, resolve_uri
 from harness.distributed import world_from_env
-from harness.tracking import start_parent_run
+from harness.fingerprint import config_fingerprint
+from harness.jobs import end_orphans, sweep_lock_path
+from harness.preflight import expand_jobs
+from harness.tracking import SWEEP_KEY_TAG, start_parent_run
 
 log = logging.getLogger(__name__)
+
+_open_parent: tuple[str, str] | None = None  # (store, run id) of the parent run until the sweep ends
+_sweep_lock: FileLock | None = None  # held while the sweep runs: its parent RUNNING is not an orphan
+
+
+def sweep_key(config: DictConfig) -> str:
+    """The same for every run of the same sweep: a hash of its jobs' overrides, in any order."""
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params else {}
+    jobs = expand_jobs([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    return config_fingerprint({"experiment": config.tracking.experiment, "jobs": sorted(sorted(j) for j in jobs)})
+
+
+def end_open_parent(status: str) -> None:
+    """End the sweep's parent run if the sweep could not (a stop signal, an error in Hydra)."""
+    global _open_parent, _sweep_lock
+    if _open_parent is not None:
+        uri, run_id = _open_parent
+        _open_parent = None
+        MlflowClient(uri).set_terminated(run_id, status)
+    if _sweep_lock is not None:
+        _sweep_lock.release()
+        _sweep_lock = None
+
+
+def _hold_sweep_lock(path: Path) -> FileLock | None:
+    """The sweep's lock, unless the same sweep runs in another process right now (then both
+    share its parent run, and each job runs once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
 
 
 class SweepTracking(Callback):
@@ -26,12 +64,21 @@ class SweepTracking(Callback):
         self.failures: list[str] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _open_parent, _sweep_lock
         if not world_from_env().is_main:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
-        start_parent_run(config.tracking, sweep_dir, tags={"sweep_dir": str(sweep_dir.resolve()),
-                                                           "sweep_overrides": overrides})
+        key, root = sweep_key(config), Path(config.trainer.checkpoint_dir)
+        try:
+            _sweep_lock = _hold_sweep_lock(sweep_lock_path(root, key))
+            end_orphans(config.tracking, SWEEP_KEY_TAG, lambda k: sweep_lock_path(root, k), key)
+            parent = start_parent_run(config.tracking, sweep_dir, key,
+                                      tags={"sweep_dir": str(sweep_dir.resolve()), "sweep_overrides": overrides})
+        except Exception as e:  # Hydra would only warn and run the jobs without a parent
+            sys.exit(f"error: cannot start the sweep's MLflow run in {config.tracking.uri}: "
+                     f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        _open_parent = (resolve_uri(config.tracking.uri), parent)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:
@@ -42,22 +89,31 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not world_from_env().is_main:
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
-        parent = parent_run_id(sweep_dir)
-        client = MlflowClient(mlflow.get_tracking_uri())
-        status = "FAILED" if self.failures else "FINISHED"
-        if self.analyse:
-            from analysis.compute import Options  # the one place the harness reaches the analysis
-            from analysis.run import run_analysis
-
-            try:
-                run_analysis(resolve_uri(config.tracking.uri), sweep_dir / "analysis", Options(), parent_run_id=parent)
-            except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
-                log.error("analysis of the sweep failed: %s", e)
-                client.set_tag(parent, "analysis_error", str(e)[:5000])
-                status = "FAILED"
-        client.set_terminated(parent, status)
-        if self.failures:
-            for failure in self.failures:
-                log.error("failed job %s", failure)
+        failed = list(self.failures)
+        try:
+            self._analyse(config)
+        except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
+            log.error("analysis of the sweep failed: %s", e)
+            failed.append(f"the analysis of the sweep: {e}")
+        try:
+            end_open_parent("FAILED" if failed else "FINISHED")
+        except Exception as e:  # Hydra would only warn, and exit 0
+            failed.append(f"ending the sweep's MLflow run: {e}")
+        if failed:
+            for failure in failed:
+                log.error("failed: %s", failure)
             sys.exit(1)
+
+    def _analyse(self, config: DictConfig) -> None:
+        if not self.analyse:
+            return
+        from analysis.compute import Options  # the one place the harness reaches the analysis
+        from analysis.run import run_analysis
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent, uri = parent_run_id(sweep_dir), resolve_uri(config.tracking.uri)
+        try:
+            run_analysis(uri, sweep_dir / "analysis", Options(), parent_run_id=parent)
+        except Exception as e:
+            MlflowClient(uri).set_tag(parent, "analysis_error", str(e)[:5000])
+            raise

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from harness.artifacts import PARENT_ID_FILE, resolve_uri
+from harness.signals import Interrupted
 
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
+SWEEP_KEY_TAG = "sweep_key"  # on a sweep's parent run: a repeated sweep finds and reuses it
 
 
 def _default_artifact_root(uri: str) -> str | None:
@@ -21,16 +25,33 @@ def _default_artifact_root(uri: str) -> str | None:
     return None
 
 
+def store_lock(uri: str):
+    """A lock beside a SQLite store: several processes creating one store at once corrupt it."""
+    if uri.startswith("sqlite:///"):
+        return FileLock(uri[len("sqlite:///"):] + ".lock")
+    return nullcontext()
+
+
 def experiment_id(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment's id (creating both)."""
     uri = resolve_uri(tracking_cfg.uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    root = tracking_cfg.get("artifact_location") or _default_artifact_root(uri)
-    return client.create_experiment(tracking_cfg.experiment, artifact_location=root)
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        root = tracking_cfg.get("artifact_location") or _default_artifact_root(uri)
+        return client.create_experiment(tracking_cfg.experiment, artifact_location=root)
+
+
+def runs_tagged(tracking_cfg, tag: str, value: str | None = None, status: str | None = None) -> list:
+    """The experiment's runs with `tag` (= `value`, if given), newest first (deleted runs excluded)."""
+    exp = experiment_id(tracking_cfg)
+    query = f"tags.`{tag}` = '{value}'" if value is not None else f"tags.`{tag}` != ''"
+    if status is not None:
+        query += f" and attributes.status = '{status}'"
+    return list(MlflowClient().search_runs([exp], query, max_results=10_000, order_by=["attributes.start_time DESC"]))
 
 
 def flat_params(cfg) -> dict[str, str]:
@@ -47,44 +68,85 @@ def flat_params(cfg) -> dict[str, str]:
     return out
 
 
-def start_parent_run(tracking_cfg, sweep_dir: Path, tags: dict[str, str]) -> str:
-    """Create the sweep's parent run and leave its id in the sweep folder for the jobs."""
+def start_parent_run(tracking_cfg, sweep_dir: Path, sweep_key: str, tags: dict[str, str]) -> str:
+    """The sweep's parent run: the one an earlier run of the same sweep left (running again), or
+    a new one. Its id goes into the sweep folder for the jobs."""
     exp = experiment_id(tracking_cfg)
-    run = MlflowClient().create_run(exp, run_name=f"sweep {sweep_dir.name}", tags=tags)
+    client = MlflowClient()
+    with store_lock(resolve_uri(tracking_cfg.uri)):  # two identical sweeps started together share one
+        earlier = client.search_runs([exp], f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        if earlier:
+            run_id = earlier[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            if "analysis_error" in earlier[0].data.tags:
+                client.delete_tag(run_id, "analysis_error")
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            log.info("sweep continues in parent run %s", run_id)
+        else:
+            run_id = client.create_run(exp, run_name=f"sweep {sweep_dir.name}",
+                                       tags=tags | {SWEEP_KEY_TAG: sweep_key}).info.run_id
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
-    return run.info.run_id
+    (sweep_dir / PARENT_ID_FILE).write_text(run_id)
+    return run_id
 
 
 class RunLogger:
-    """Logs one training run; a no-op on ranks other than 0."""
+    """Logs one training run; a no-op on ranks other than 0.
+
+    A resumed run continues the MLflow run an interrupted attempt left. Steps that attempt logged
+    after its last checkpoint are trained again; their metrics are not logged twice."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.logged_until: dict[str, int] = {}  # metric -> last step already in the run
+        self.logged_params: set[str] = set()
 
-    def start(self, tracking_cfg, run_name: str, tags: dict, parent_id: str | None) -> None:
+    def start(self, tracking_cfg, run_name: str, tags: dict, parent_id: str | None,
+              resume_id: str | None = None, resume_step: int = 0) -> None:
         if not self.enabled:
             return
         exp = experiment_id(tracking_cfg)
-        run = mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags, parent_run_id=parent_id)
+        if resume_id is None:
+            run = mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags, parent_run_id=parent_id)
+        else:
+            run = mlflow.start_run(run_id=resume_id)
+            client = MlflowClient()
+            for stale in ("error", "stopped"):
+                if stale in run.data.tags:
+                    client.delete_tag(resume_id, stale)
+            mlflow.set_tags(tags | {"resumed_from_step": str(resume_step)})
+            self.logged_until = {key: max(m.step for m in client.get_metric_history(resume_id, key))
+                                 for key in run.data.metrics}
+            self.logged_params = set(run.data.params)
         self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
+        log.info("MLflow run %s (%s) in %s%s", run_name, self.run_id, mlflow.get_tracking_uri(),
+                 f", resumed after step {resume_step}" if resume_id else "")
 
     def params(self, params: dict) -> None:
         if self.enabled:
-            mlflow.log_params(params)
+            mlflow.log_params({k: v for k, v in params.items() if k not in self.logged_params})
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            mlflow.log_metrics(metrics, step=step)
+        if not self.enabled:
+            return
+        new = {k: v for k, v in metrics.items() if step > self.logged_until.get(k, -1)}
+        if new:
+            mlflow.log_metrics(new, step=step)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
             mlflow.log_artifact(str(path), artifact_path=folder)
 
     def end(self, error: BaseException | None = None) -> None:
+        """FINISHED; KILLED when a stop signal ended it (it resumes); FAILED on any other error."""
         if not self.enabled or mlflow.active_run() is None:
+            return
+        if isinstance(error, Interrupted):
+            mlflow.set_tag("stopped", str(error)[:5000])
+            mlflow.end_run("KILLED")
             return
         if error is not None:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])

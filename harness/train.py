@@ -14,12 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from harness import artifacts, distributed
+from harness import artifacts, distributed, signals
 from harness.batching import Example
+from harness.checkpoint import LoopState
 from harness.config import pair_key, row_length, validate
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.jobs import claim_job
 from harness.losses import CausalLMLoss, supports_chunked_loss
 from harness.model import build_model, choose_attention, load_tokenizer
 from harness.prefetch import ahead
@@ -106,35 +108,55 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                          split=split, world=world, layout=layout)
         return made.pin() if device.type == "cuda" else made
 
+    job = claim_job(cfg, run.identity, world, parent_run_id)  # waits while another process trains it
+    if job.finished is not None:
+        job.release()
+        log.info("job %s already FINISHED as MLflow run %s; nothing to train", job.key, job.run_id)
+        return job.finished
     tracker = RunLogger(enabled=world.is_main)
-    tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity, parent_run_id)
     try:
-        log_config(cfg, run.data, out_dir, tracker, world)
         grad_weight = torch.zeros(len(train_set), dtype=torch.float64, device=device)
         times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
         meter = Throughput()
+        done = 0  # steps already trained
+        if job.resume_from is not None:
+            saved = job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device)
+            done, grad_weight, times_seen, meter.total = saved.step, saved.grad_weight, saved.times_seen, saved.tokens_seen
+        tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
+                      parent_run_id, resume_id=job.run_id, resume_step=done)
+        log_config(cfg, run.data, out_dir, tracker, world)
+        meter.restart()
         val_metrics: dict[str, float] = {}
-        progress = tqdm(total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
+        progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
-        for step, step_plan in ahead(plan, range(1, t.max_steps + 1), background=device.type == "cuda"):
-            record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
-            progress.update()
-            grad_weight.index_add_(0, record.example_index, record.example_weight)
-            times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
-            meter.add(record.tokens)
-            if step % t.log_every == 0 or step == t.max_steps:
-                log_step(record, scheduler, meter.rate(), step, tracker, progress)
-            if step % t.eval_every == 0 or step == t.max_steps:
-                val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker,
-                                               **eval_args)
-                meter.restart()  # evaluation time is not training throughput
-        progress.close()
+        with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
+            for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
+                record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
+                progress.update()
+                grad_weight.index_add_(0, record.example_index, record.example_weight)
+                times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
+                meter.add(record.tokens)
+                if step % t.log_every == 0 or step == t.max_steps:
+                    log_step(record, scheduler, meter.rate(), step, tracker, progress)
+                if step % t.eval_every == 0 or step == t.max_steps:
+                    val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
+                                                   tracker, **eval_args)
+                    meter.restart()  # evaluation time is not training throughput
+                stop = signals.stop_requested(world, device)
+                if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
+                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total),
+                                         run.model, optimizer, scheduler, tracker.run_id)
+                if stop:
+                    raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
+        tracker.end()
+        job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:
         tracker.end(error)
         raise
-    tracker.end()
+    finally:
+        job.release()
     return val_metrics
 
 

@@ -57,6 +57,8 @@ def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
     (["trainer.device=tpu"], "trainer.device='tpu' is not valid"),
     (["trainer.scheduler=nope"], "trainer.scheduler='nope' is not valid"),
     (["loss_scale=0"], "loss_scale=0 must be a number > 0"),
+    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1 must be >= 0"),
+    (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 must be >= 1"),
     (["data.packing=true", "data.pack_length=abc"], "data.pack_length='abc' is not an integer"),
     (["data.packing=true", "data.pack_length=100"], "data.pack_length=100 is shorter than data.max_seq_len=512"),
     (["data.truncation=cut"], "data.truncation='cut' is not valid"),

@@ -1,7 +1,7 @@
 """Gradients of every reduction mode against its formula, written out here, per example.
 
 The reference computes each example's token NLLs alone (no padding, no packing), then
-weights them as the README's table says; the harness path (`train_step`) batches, pads or
+weights them as the README's table says; the harness path (`train_step`: plan_step, run_step) batches, pads or
 packs, splits across micro-batches and ranks, and uses harness.reduction.
 """
 

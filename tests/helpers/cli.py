@@ -12,16 +12,19 @@ QUICK = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.batch_size=8",
          "data.num_train=64", "data.num_val=24"]
 
 
-def run_cli(args: list[str], cwd: Path, prelude: str = "", module: str = "harness") -> subprocess.CompletedProcess:
-    """`python -m <module> args` in `cwd`; with `prelude`, patch something first, then run
-    the real entry point."""
+def cli_command(args: list[str], prelude: str = "", module: str = "harness") -> list[str]:
+    """`python -m <module> args`; with `prelude`, patch something first, then run the real
+    entry point."""
     if prelude:
         code = (textwrap.dedent(prelude) + f"\nimport sys\nsys.argv = ['{module}'] + {args!r}\n"
                 f"from {module}.__main__ import main\nsys.exit(main())\n")
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+        return [sys.executable, "-c", code]
+    return [sys.executable, "-m", module, *args]
+
+
+def run_cli(args: list[str], cwd: Path, prelude: str = "", module: str = "harness") -> subprocess.CompletedProcess:
+    """`cli_command` in `cwd`, waiting for it."""
+    return subprocess.run(cli_command(args, prelude, module), cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def child_runs(cwd: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

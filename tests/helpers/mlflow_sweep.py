@@ -10,7 +10,9 @@ from harness import artifacts
 def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True) -> str:
     """Log `data` (analysis.load.RunData) as a sweep: a parent run and one child per run."""
     client = MlflowClient(uri)
-    exp = client.create_experiment("reduce-loss", artifact_location=(tmp / "artifacts").as_uri())
+    found = client.get_experiment_by_name("reduce-loss")
+    exp = found.experiment_id if found else client.create_experiment("reduce-loss",
+                                                                      artifact_location=(tmp / "artifacts").as_uri())
     parent = client.create_run(exp, run_name="sweep").info.run_id
     for run in data.runs.itertuples():
         tags = {k: getattr(run, k) for k in artifacts.RUN_TAGS}

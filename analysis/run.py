@@ -25,9 +25,11 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
         raise AnalysisError(f"--out {out} exists and does not hold an earlier report; choose an empty folder")
-    runs = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id)
+    runs, left_out = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id,
+                                 include_flagged=opts.include_flagged)
     data = load(uri, runs)
     results = analyse(data, opts)
+    results.left_out = left_out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

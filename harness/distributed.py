@@ -69,3 +69,10 @@ def sum_tensor(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def min_tensor(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t

@@ -79,6 +79,10 @@ class RunLogger:
         if self.enabled:
             mlflow.log_metrics(metrics, step=step)
 
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            mlflow.set_tags(tags)
+
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
             mlflow.log_artifact(str(path), artifact_path=folder)

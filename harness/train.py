@@ -20,6 +20,7 @@ from harness.config import pair_key, row_length, validate
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.guard import StepGuard
 from harness.model import build_model, load_tokenizer
 from harness.step import train_step
 from harness.tokenise import PreparedData, prepare_data
@@ -103,19 +104,26 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         val_metrics: dict[str, float] = {}
         progress = tqdm(range(1, t.max_steps + 1), desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
+        guard = StepGuard(t.max_steps, device)
         for step in progress:
             record = train_step(ddp, optimizer, scheduler, train_set, run.steps[step - 1], **step_args)
+            guard.update(step, record)
             grad_weight.index_add_(0, record.example_index, record.example_weight)
             times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
             meter.add(record.tokens)
-            if step % t.log_every == 0 or step == t.max_steps:
+            logs = step % t.log_every == 0 or step == t.max_steps
+            evaluates = step % t.eval_every == 0 or step == t.max_steps
+            if logs or evaluates:
+                guard.check()  # nothing of a step past a non-finite one is logged or evaluated
+            if logs:
                 log_step(record, scheduler, meter.rate(), step, tracker, progress)
-            if step % t.eval_every == 0 or step == t.max_steps:
+            if evaluates:
                 val_metrics = evaluate_and_log(model, run.data.val, step, step == t.max_steps, out_dir, tracker,
                                                **eval_args)
                 meter.restart()  # evaluation time is not training throughput
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
+        flag_run(guard.flags(), tracker)
     except BaseException as error:
         tracker.end(error)
         raise
@@ -167,6 +175,14 @@ def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogg
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+
+def flag_run(flags: dict[str, str], tracker: RunLogger) -> None:
+    """Tag a run that finished but looks broken (the analysis refuses it unless told otherwise)."""
+    if not flags:
+        return
+    log.warning("run flagged %s: %s", ",".join(flags), "; ".join(flags.values()))
+    tracker.tags({artifacts.TAG_FLAG: ",".join(flags), artifacts.TAG_FLAG_REASON: "; ".join(flags.values())})
 
 
 def log_grad_weights(examples: list[Example], grad_weight, times_seen, out_dir: Path, tracker: RunLogger,

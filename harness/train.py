@@ -19,7 +19,7 @@ from harness.batching import Example
 from harness.config import pair_key, row_length, validate
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
-from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
 from harness.guard import StepGuard
 from harness.model import build_model, load_tokenizer
 from harness.step import train_step
@@ -63,9 +63,9 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         artifacts.TAG_SEED: str(cfg.seed),
         artifacts.TAG_PAIR: config_fingerprint(pair_key(cfg)),
         artifacts.TAG_INIT: params_fingerprint(model),
-        artifacts.TAG_DATA: order_fingerprint([data.train[i].example_id for step in steps for i in step]),
+        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val),
         artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
-        "tokenisation_cache": "reused" if data.cache_reused else "built",
+        artifacts.TAG_CACHE: data.cache,
         "device": device.type,
         "world_size": str(world.size),
     }

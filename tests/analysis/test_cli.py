@@ -152,3 +152,30 @@ def test_non_finite_numbers_are_refused_not_skipped(tmp_path, broken_store, case
     assert proc.returncode == 2
     line, = proc.stderr.strip().splitlines()
     assert line == f"error: {expected}; its results are not numbers"
+
+
+@pytest.mark.slow
+def test_out_replaces_only_a_folder_the_tool_wrote(tmp_path, store, analysis_main):
+    uri, parent = store
+    args = ["--tracking-uri", uri, "--parent-run-id", parent, "--no-plots", "--n-boot", "50", "--out"]
+    foreign = tmp_path / "mine"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "report.md").write_text("my own notes")
+    (foreign / "sub" / "data.csv").write_text("1,2")
+    proc = analysis_main(args + [str(foreign)])
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {foreign} holds files this tool did not write (report.md, sub)")
+    assert (foreign / "report.md").read_text() == "my own notes" and (foreign / "sub" / "data.csv").exists()
+
+    out = tmp_path / "report"
+    assert analysis_main(args + [str(out)]).returncode == 0
+    first = (out / "report.md").read_text()
+    again = analysis_main(args + [str(out), "--reference", "sum"])  # its own report: replaced
+    assert again.returncode == 0 and (out / "report.md").read_text() != first
+    (out / "notes.txt").write_text("keep me")
+    proc = analysis_main(args + [str(out)])
+    assert proc.returncode == 2
+    assert "holds an earlier report and files this tool did not write (notes.txt)" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "report.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left

@@ -15,6 +15,7 @@ from analysis.compute import Options
 from analysis.load import AnalysisError, parent_from_sweep_dir
 from analysis.run import run_analysis
 from harness.artifacts import resolve_uri
+from harness.credentials import redact
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                        include_flagged=args.include_flagged, n_boot=args.n_boot)
         run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots)
     except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     print(f"report: {out / 'report.html'}")
     return 0

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from harness.artifacts import parent_run_id, resolve_uri
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.tracking import start_parent_run
 
@@ -29,7 +30,7 @@ class SweepTracking(Callback):
         if not world_from_env().is_main:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = redact(" ".join(config.hydra.overrides.task))
         start_parent_run(config.tracking, sweep_dir, tags={"sweep_dir": str(sweep_dir.resolve()),
                                                            "sweep_overrides": overrides})
 

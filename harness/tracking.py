@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from harness.artifacts import PARENT_ID_FILE, resolve_uri
+from harness.credentials import redact
 
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
@@ -41,7 +42,7 @@ def flat_params(cfg) -> dict[str, str]:
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
         else:
-            out[prefix[:-1]] = str(node)[:MAX_PARAM_CHARS]
+            out[prefix[:-1]] = redact(str(node))[:MAX_PARAM_CHARS]
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out

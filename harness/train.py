@@ -17,6 +17,7 @@ from transformers import get_scheduler
 from harness import artifacts, distributed
 from harness.batching import Example
 from harness.config import pair_key, row_length, validate
+from harness.credentials import redact
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
@@ -154,7 +155,7 @@ class Throughput:
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
+        (out_dir / "resolved_config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     tracker.params(flat_params(cfg))
     tracker.artifact(out_dir / "resolved_config.yaml")
     tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {

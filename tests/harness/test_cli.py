@@ -159,3 +159,37 @@ def test_a_run_that_stops_learning_is_flagged_and_refused(tmp_path):
     included = run_cli(["--sweep-dir", str(sweep_dir), "--include-flagged", "--no-plots"], tmp_path, module="analysis")
     assert included.returncode == 0, included.stderr[-2000:]
     assert "(FLAGGED RUNS)" in (sweep_dir / "analysis" / "report.md").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_job_folders_stay_in_the_sweep_and_credentials_are_stored_nowhere(tmp_path):
+    secret = "s3cr3t-pw"
+    uri = f"http://alice:{secret}@tracking.example:5000"
+    # the store is a local file; the configured URI, with its password, is what gets written down
+    prelude = """
+        import os
+        import harness.sweep_callback, harness.tracking
+        local = "sqlite:///" + os.path.abspath("mlflow.db")
+        harness.tracking.resolve_uri = harness.sweep_callback.resolve_uri = lambda uri: local
+    """
+    long_value = "x" * 300
+    proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", "+note=../../escaped/x",
+                    f"+long={long_value}", *QUICK], tmp_path, prelude)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+
+    sweep_dir = next(tmp_path.glob("multirun/*/*"))
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "analysis")
+    assert [name.split("-", 1)[0] for name in jobs] == ["0", "1"]
+    assert all(len(name) <= 110 and ".." not in name for name in jobs)
+    assert {p.name for p in tmp_path.iterdir()} == {"mlflow.db", "mlartifacts", "multirun"}  # nothing escaped
+    assert not list(tmp_path.rglob("escaped"))
+    for path in tmp_path.rglob("*"):
+        assert secret not in str(path)
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+    parents, children = child_runs(tmp_path)
+    assert (children["params.tracking.uri"] == "http://***@tracking.example:5000").all()
+    assert "tracking.uri=http://***@tracking.example:5000" in parents["tags.sweep_overrides"].iloc[0]
+    assert "://***@tracking.example" in (sweep_dir / jobs[0] / ".hydra" / "overrides.yaml").read_text()

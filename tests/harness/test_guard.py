@@ -1,11 +1,15 @@
 """The non-finite guard and the run flags, on constructed step records and a real evaluation."""
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from harness import artifacts
 from harness.distributed import World
@@ -94,6 +98,38 @@ def test_the_guard_state_round_trips():
     for step in range(5, 11):
         resumed.update(step, record(*steps[step - 1]))
     assert resumed.flags() == whole.flags() != {}
+
+
+def _two_ranks(rank: int, init_file: str, out: str) -> None:
+    """Rank 1's loss is NaN at step 3, rank 0's never: both must stop at the same check."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    guard = StepGuard(6, torch.device("cpu"))
+    stopped = None
+    for step in range(1, 7):
+        guard.update(step, record(NAN if (rank, step) == (1, 3) else 4.0 - 0.1 * step, 1.0))
+        try:
+            guard.check()
+        except NonFiniteError as e:
+            stopped = (step, str(e))
+            break
+    finite = StepGuard(2, torch.device("cpu"))  # rank 0's loss falls, rank 1's rises more: the mean rises
+    for step, losses in ((1, (4.0, 1.0)), (2, (3.0, 3.0))):  # 100 tokens per rank, N = 200 over both
+        finite.update(step, SimpleNamespace(nll_sum=torch.tensor(100 * losses[rank], dtype=torch.float64),
+                                            grad_norm=torch.tensor(1.0), counts=SimpleNamespace(tokens=200)))
+    Path(f"{out}.{rank}").write_text(json.dumps({"stopped": stopped, "flags": finite.flags()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_same_check(tmp_path):
+    out = str(tmp_path / "out")
+    mp.spawn(_two_ranks, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert [r["stopped"][0] for r in ranks] == [3, 3]
+    assert ranks[0]["stopped"][1].startswith("train/loss=not finite (on another rank) at step 3")
+    assert ranks[1]["stopped"][1].startswith("train/loss=nan at step 3")
+    assert ranks[0]["flags"] == ranks[1]["flags"] == {
+        artifacts.FLAG_LOSS_ROSE: "training loss rose from 2.5000 (steps 1-1) to 3.0000 (steps 2-2)"}
 
 
 def test_non_finite_weights_stop_the_evaluation_naming_the_step():

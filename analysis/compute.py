@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import AnalysisError, RunData, require_two_modes
+from harness import artifacts
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Options:
     edges: list[float] | None = None  # ... unless fixed inner edges are given
     reference: str = "mean"
     allow_unpaired: bool = False
+    include_flagged: bool = False  # analyse flagged runs, leave out those that did not finish
     n_boot: int = 1000
     confidence: float = 0.95
     rng_seed: int = 0
@@ -38,6 +40,19 @@ class Results:
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
     superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
+    left_out: list[str] = field(default_factory=list)  # runs that did not finish (--include-flagged)
+
+    @property
+    def flagged(self) -> pd.DataFrame:
+        """Flagged runs among those compared (only with --include-flagged)."""
+        flag = self.runs.get(artifacts.TAG_FLAG, pd.Series(None, index=self.runs.index))
+        return self.runs[flag.fillna("") != ""]
+
+    @property
+    def caveats(self) -> list[str]:
+        """What every output is marked with: UNPAIRED, FLAGGED RUNS."""
+        flagged = len(self.flagged) > 0 or len(self.left_out) > 0
+        return (["UNPAIRED"] if not self.paired else []) + (["FLAGGED RUNS"] if flagged else [])
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:

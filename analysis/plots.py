@@ -20,7 +20,7 @@ def _color(mode: str) -> str:
 
 
 def _suffix(res: Results) -> str:
-    return "" if res.paired else " (UNPAIRED runs)"
+    return f" ({', '.join(res.caveats)})" if res.caveats else ""
 
 
 def _xaxis(ax, res: Results) -> None:

@@ -37,6 +37,10 @@ def setup_lines(res: Results) -> list[tuple[str, str]]:
                 lines.append((label, ", ".join(sorted(runs[key].dropna().astype(str).unique()))))
                 break
     lines.append(("buckets", f"{len(res.labels)} by validation {res.options.bucket_by}: {', '.join(res.labels)}"))
+    for run in res.flagged.itertuples():
+        lines.append(("FLAGGED run, compared anyway", f"{run.run_name or run.run_id}: {run.flag}"))
+    for run in res.left_out:
+        lines.append(("left out, did not finish", run))
     return lines
 
 
@@ -80,7 +84,7 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     t = tables(res)
     for name, df in t.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    title = "How each reduction treats long vs short examples" + ("" if res.paired else " (UNPAIRED)")
+    title = "How each reduction treats long vs short examples" + (f" ({', '.join(res.caveats)})" if res.caveats else "")
     setup, said, shown = setup_lines(res), sentences(res), _final_tables(res, t)
 
     md = [f"# {title}", "", "## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup]

@@ -20,11 +20,21 @@ TAG_MODE = "reduce_loss"
 TAG_SEED = "seed"
 TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in reduce_loss
 TAG_INIT = "init_fingerprint"  # hash of the initial parameters
-TAG_DATA = "data_fingerprint"  # hash of the ordered training example ids
+TAG_DATA = "data_fingerprint"  # hash of the tokenised training and validation examples and the training order
 TAG_SCHEMA = "schema_version"
 TAG_JOB = "job_key"  # the job a run belongs to (harness/jobs.py); runs of one job are duplicates
 RUN_TAGS = [TAG_MODE, TAG_SEED, TAG_PAIR, TAG_INIT, TAG_DATA, TAG_SCHEMA]
 FINGERPRINT_TAGS = [TAG_INIT, TAG_DATA]
+
+# Tags of some runs. A run that FINISHED but looks broken is flagged; the analysis refuses
+# flagged runs, and runs that did not finish, unless told to include them.
+TAG_FLAG = "flag"  # comma-separated FLAGS
+TAG_FLAG_REASON = "flag_reason"  # the figures behind the flags, one sentence each
+FLAG_LOSS_ROSE = "loss_rose"  # token-mean training loss of the last steps above that of the first
+FLAG_GRAD_ZERO = "grad_norm_zero"  # the gradient was exactly zero at some step
+FLAGS = [FLAG_LOSS_ROSE, FLAG_GRAD_ZERO]
+TAG_ERROR = "error"  # why a FAILED run failed
+TAG_CACHE = "tokenisation_cache"  # built (by this command), reused (from an earlier one), none (not cached)
 
 # The sweep folder holds the parent run's id, so jobs and the analysis can find it.
 PARENT_ID_FILE = "mlflow_parent_run_id"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType
 
+from harness.artifacts import resolve_uri
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.reduction import MODES
 
@@ -99,12 +103,41 @@ def validate(cfg: DictConfig) -> None:
     if d.kind == "hf" and (OmegaConf.is_missing(d, "path") or d.path is None):
         raise ConfigError("data.path is not set; give a Hub name or json/parquet/csv with data.data_files")
 
+    if cfg.get("tracking") is not None:
+        _sqlite_folder(cfg.tracking.uri)
+
     m = cfg.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
     if m.kind == "hf":
         _choice("model.init", m.init, ("pretrained", "random"))
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def _sqlite_folder(uri: str) -> None:
+    """A SQLite store may be created, but not its folder: a typo must not make folders."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        folder = Path(resolve_uri(uri)[len(prefix):]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={redact(uri)}: the folder {folder} does not exist; create it first")
+
+
+MAX_JOB_DIRNAME = 100
+
+
+def job_dirname(num, overrides: str) -> str:
+    """A job's folder in its sweep: the job number and its overrides, made safe as one folder
+    name (no '/', no '..', no credentials, at most MAX_JOB_DIRNAME characters)."""
+    name = re.sub(r"\.{2,}|[^A-Za-z0-9_.,=+-]", "_", redact(str(overrides)))
+    name = re.sub(r"_{2,}", "_", name).strip("._")
+    if len(name) > MAX_JOB_DIRNAME:
+        digest = hashlib.sha256(str(overrides).encode()).hexdigest()[:8]  # keeps names of long overrides apart
+        name = f"{name[:MAX_JOB_DIRNAME - 9].rstrip('_.,=+-')}-{digest}"
+    return f"{num}-{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/train.yaml hydra.sweep.subdir
 
 
 def row_length(data_cfg) -> int:

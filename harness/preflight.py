@@ -14,6 +14,7 @@ from hydra.errors import HydraException, MissingConfigException
 
 from harness.chat_format import ConversationError
 from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.model import ModelError, load_tokenizer
 from harness.sources import DataError
@@ -104,7 +105,7 @@ def main_or_exit(argv: list[str]) -> None:
     try:
         check_command_line(argv)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     finally:
         datasets.enable_progress_bars()

@@ -18,9 +18,11 @@ from harness import artifacts, distributed, signals
 from harness.batching import Example
 from harness.checkpoint import LoopState
 from harness.config import pair_key, row_length, validate
+from harness.credentials import redact
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
-from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
+from harness.guard import StepGuard
 from harness.jobs import claim_job
 from harness.losses import CausalLMLoss, supports_chunked_loss
 from harness.model import build_model, choose_attention, load_tokenizer
@@ -68,9 +70,9 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         artifacts.TAG_SEED: str(cfg.seed),
         artifacts.TAG_PAIR: config_fingerprint(pair_key(cfg)),
         artifacts.TAG_INIT: params_fingerprint(model),
-        artifacts.TAG_DATA: order_fingerprint([data.train[i].example_id for step in steps for i in step]),
+        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val),
         artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
-        "tokenisation_cache": "reused" if data.cache_reused else "built",
+        artifacts.TAG_CACHE: data.cache,
         "device": device.type,
         "world_size": str(world.size),
     }
@@ -118,10 +120,12 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         grad_weight = torch.zeros(len(train_set), dtype=torch.float64, device=device)
         times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
         meter = Throughput()
+        guard = StepGuard(t.max_steps, device)
         done = 0  # steps already trained
         if job.resume_from is not None:
             saved = job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device)
             done, grad_weight, times_seen, meter.total = saved.step, saved.grad_weight, saved.times_seen, saved.tokens_seen
+            guard.load_state_dict(saved.guard)
         tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)
@@ -133,23 +137,30 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
                 record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
                 progress.update()
+                guard.update(step, record)
                 grad_weight.index_add_(0, record.example_index, record.example_weight)
                 times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
                 meter.add(record.tokens)
-                if step % t.log_every == 0 or step == t.max_steps:
+                logs = step % t.log_every == 0 or step == t.max_steps
+                evaluates = step % t.eval_every == 0 or step == t.max_steps
+                stop = signals.stop_requested(world, device)
+                saves = stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps)
+                if logs or evaluates or saves:
+                    guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
+                if logs:
                     log_step(record, scheduler, meter.rate(), step, tracker, progress)
-                if step % t.eval_every == 0 or step == t.max_steps:
+                if evaluates:
                     val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
                                                    tracker, **eval_args)
                     meter.restart()  # evaluation time is not training throughput
-                stop = signals.stop_requested(world, device)
-                if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
-                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total),
+                if saves:
+                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total, guard.state_dict()),
                                          run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
+        flag_run(guard.flags(), tracker)
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:
@@ -205,7 +216,7 @@ def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, de
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
+        (out_dir / "resolved_config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     tracker.params(flat_params(cfg))
     tracker.artifact(out_dir / "resolved_config.yaml")
     tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {
@@ -226,6 +237,14 @@ def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogg
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+
+def flag_run(flags: dict[str, str], tracker: RunLogger) -> None:
+    """Tag a run that finished but looks broken (the analysis refuses it unless told otherwise)."""
+    if not flags:
+        return
+    log.warning("run flagged %s: %s", ",".join(flags), "; ".join(flags.values()))
+    tracker.tags({artifacts.TAG_FLAG: ",".join(flags), artifacts.TAG_FLAG_REASON: "; ".join(flags.values())})
 
 
 def log_grad_weights(examples: list[Example], grad_weight, times_seen, out_dir: Path, tracker: RunLogger,

@@ -1,5 +1,7 @@
 """The real command line, in a subprocess, in a temporary launch directory."""
 
+import math
+import re
 import subprocess
 import sys
 
@@ -107,3 +109,87 @@ def test_torchrun_split_that_leaves_a_rank_without_data_fails_before_training(tm
     assert ("error: trainer.batch_size=2 leaves a rank without data: it must be at least "
             "grad_accum*world_size=2*2=4") in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_naming_the_step_and_the_analysis_refuses_it(tmp_path):
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.lr=1e20", *QUICK], tmp_path)
+    assert proc.returncode != 0
+    parents, children = child_runs(tmp_path)
+    assert (children.status == "FAILED").all() and parents.status.iloc[0] == "FAILED"
+    for run in children.to_dict("records"):
+        error = run["tags.error"]
+        found = re.search(r"NonFiniteError: train/(loss|grad_norm)=(nan|inf) at step (\d+); the run stops", error)
+        assert found, error
+        step = int(found.group(3))
+        # every step before it was logged, finite; nothing from it on; no evaluation summarised a NaN
+        assert [s for s, _ in metric_history(run["run_id"], "train/loss")] == list(range(1, step))
+        for key in ("train/loss", "train/grad_norm", "val/token_loss", "val/seq_loss"):
+            assert all(math.isfinite(v) for _, v in metric_history(run["run_id"], key)), key
+        evaluated = [s for s, _ in metric_history(run["run_id"], "val/token_loss")]
+        assert all(s < step for s in evaluated)
+        assert len(MlflowClient().list_artifacts(run["run_id"], "eval")) == len(evaluated)
+    analysis_error = parents["tags.analysis_error"].iloc[0]
+    assert "2 run(s) did not finish or were flagged: " in analysis_error and "mean-seed0 (FAILED: " in analysis_error
+    sweep_dir = next(tmp_path.glob("multirun/*/*"))
+    again = run_cli(["--sweep-dir", str(sweep_dir)], tmp_path, module="analysis")
+    assert again.returncode == 2 and "sum-seed0 (FAILED: NonFiniteError" in again.stderr
+    assert not (sweep_dir / "analysis").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_stops_learning_is_flagged_and_refused(tmp_path):
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.lr=1e4", *QUICK], tmp_path)
+    parents, children = child_runs(tmp_path)
+    assert (children.status == "FINISHED").all()
+    for run in children.to_dict("records"):
+        assert set(run["tags.flag"].split(",")) == {"loss_rose", "grad_norm_zero"}
+        zero_at = int(re.search(r"gradient norm was 0 at step (\d+)", run["tags.flag_reason"]).group(1))
+        grad = dict(metric_history(run["run_id"], "train/grad_norm"))
+        assert grad[zero_at] == 0.0 and all(v > 0 for s, v in grad.items() if s < zero_at)
+        loss = dict(metric_history(run["run_id"], "train/loss"))
+        assert f"training loss rose from {loss[1]:.4f} (steps 1-1) to {loss[6]:.4f} (steps 6-6)" in run["tags.flag_reason"]
+    assert proc.stdout.count("run flagged loss_rose,grad_norm_zero") == 2
+    assert "did not finish or were flagged" in parents["tags.analysis_error"].iloc[0]  # the jobs finished; it refused
+    sweep_dir = next(tmp_path.glob("multirun/*/*"))
+    included = run_cli(["--sweep-dir", str(sweep_dir), "--include-flagged", "--no-plots"], tmp_path, module="analysis")
+    assert included.returncode == 0, included.stderr[-2000:]
+    assert "(FLAGGED RUNS)" in (sweep_dir / "analysis" / "report.md").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_job_folders_stay_in_the_sweep_and_credentials_are_stored_nowhere(tmp_path):
+    secret = "s3cr3t-pw"
+    uri = f"http://alice:{secret}@tracking.example:5000"
+    # the store is a local file; the configured URI, with its password, is what gets written down
+    prelude = """
+        import os
+        import harness.sweep_callback, harness.tracking
+        local = "sqlite:///" + os.path.abspath("mlflow.db")
+        harness.tracking.resolve_uri = harness.sweep_callback.resolve_uri = lambda uri: local
+    """
+    long_value = "x" * 300
+    proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", "+note=../../escaped/x",
+                    f"+long={long_value}", *QUICK], tmp_path, prelude)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+
+    sweep_dir = next(tmp_path.glob("multirun/*/*"))
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "analysis")
+    assert [name.split("-", 1)[0] for name in jobs] == ["0", "1"]
+    assert all(len(name) <= 110 and ".." not in name for name in jobs)
+    assert {p.name for p in tmp_path.iterdir()} == {"mlflow.db", "mlartifacts", "multirun"}  # nothing escaped
+    assert not list(tmp_path.rglob("escaped"))
+    for path in tmp_path.rglob("*"):
+        assert secret not in str(path)
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+    parents, children = child_runs(tmp_path)
+    assert (children["params.tracking.uri"] == "http://***@tracking.example:5000").all()
+    assert "tracking.uri=http://***@tracking.example:5000" in parents["tags.sweep_overrides"].iloc[0]
+    assert "://***@tracking.example" in (sweep_dir / jobs[0] / ".hydra" / "overrides.yaml").read_text()

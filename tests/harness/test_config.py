@@ -1,12 +1,17 @@
 """Config composition and every documented bad input, in process (fast): the same check the
 command line runs before Hydra starts (harness/preflight.py)."""
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from harness.config import CONF_DIR
+from omegaconf import OmegaConf
+
+from harness.config import CONF_DIR, MAX_JOB_DIRNAME, job_dirname
+from harness.credentials import RedactCredentials, redact
 from harness.preflight import InputError, check_command_line, job_overrides
+from harness.tracking import flat_params
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 OFFLINE = {"tulu_qwen_0p5b"}  # opens a Hub model: composed and validated here, not opened
@@ -67,6 +72,9 @@ def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
     (["data=hf"], "data.path is not set"),
     (["model=hf", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
     (["data=hf", "data.path=json", "data.data_files=/no/such.jsonl"], "data.data_files: no such file '/no/such.jsonl'"),
+    (["tracking.uri=sqlite:///no/such/x.db"], "tracking.uri=sqlite:///no/such/x.db: the folder "),
+    (["tracking.uri=sqlite:////no/such/dir/x.db"], "tracking.uri=sqlite:////no/such/dir/x.db: the folder /no/such/dir "
+                                                   "does not exist"),
 ])
 def test_bad_input_is_one_clear_line(argv, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -75,3 +83,40 @@ def test_bad_input_is_one_clear_line(argv, expected, tmp_path, monkeypatch):
     message = str(e.value)
     assert expected in message and "\n" not in message, message
     assert list(Path(tmp_path).iterdir()) == []  # nothing written
+
+
+def test_a_sqlite_store_may_be_new_but_its_folder_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check_command_line(["tracking.uri=sqlite:///new.db"])
+    (tmp_path / "stores").mkdir()
+    check_command_line([f"tracking.uri=sqlite:///{tmp_path}/stores/new.db"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stores"]  # checked, not created
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ("reduce_loss=mean,seed=1", "7-reduce_loss=mean,seed=1"),
+    ("", "7"),
+    ("data.data_files=../../x.jsonl", "7-data.data_files=_x.jsonl"),
+    ("data.data_files=/a/b/../c.jsonl", "7-data.data_files=_a_b_c.jsonl"),
+    ("tracking.uri=http://bob:pw@host:5000", "7-tracking.uri=http_host_5000"),
+    ("tracking.uri=http\\://bob\\:pw@host\\:5000", "7-tracking.uri=http_host_5000"),
+])
+def test_job_folder_names_are_one_safe_component(overrides, expected):
+    assert job_dirname(7, overrides) == expected
+
+
+def test_long_job_folder_names_are_cut_and_kept_apart():
+    a, b = "data.path=" + "a" * 300 + ",seed=1", "data.path=" + "a" * 300 + ",seed=2"
+    names = job_dirname(0, a), job_dirname(0, b)
+    assert names[0] != names[1] and all(len(n) <= MAX_JOB_DIRNAME + 2 for n in names)
+    assert names[0].startswith("0-data.path=aaa")
+
+
+def test_credentials_are_redacted_from_text_params_and_logs(caplog):
+    assert redact("uri http://bob:pw@host:5000/x and https://token@h") == "uri http://***@host:5000/x and https://***@h"
+    assert redact("sqlite:////data/a@b.db git@github.com:x http://host/p@q") == (
+        "sqlite:////data/a@b.db git@github.com:x http://host/p@q")  # no user info: unchanged
+    params = flat_params(OmegaConf.create({"tracking": {"uri": "http://bob:pw@host"}, "seed": 1}))
+    assert params == {"tracking.uri": "http://***@host", "seed": "1"}
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "store %s", ("http://bob:pw@host",), None)
+    assert RedactCredentials().filter(record) and record.getMessage() == "store http://***@host"

@@ -19,8 +19,8 @@ from harness.sources import DataError, Source, load_source
 
 log = logging.getLogger(__name__)
 TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
-CACHE_KEYS = ("path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
-              "messages_column", "id_column", "role_names", "max_seq_len", "truncation")
+CACHE_KEYS = ("kind", "path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
+              "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn")
 
 
 @dataclass
@@ -84,6 +84,8 @@ def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: s
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Tokenised train and validation examples of the data config `cfg` (the `data` group)."""
     source = load_source(cfg)
+    if source.counts:
+        log.info("%s: %s", source.name, ", ".join(f"{k}={v}" for k, v in source.counts.items()))
     counts: dict[str, int] = {}
     train_tok, reused_train = _tokenize(source, "train", cfg, tokenizer)
     val_tok, reused_val = _tokenize(source, "validation", cfg, tokenizer)
@@ -95,4 +97,5 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
     if not val:
         raise DataError(f"data: every validation example was dropped ({counts})")
+    counts |= {f"source/{k}": v for k, v in source.counts.items()}
     return PreparedData(train, val, counts, cache_reused=reused_train and reused_val)

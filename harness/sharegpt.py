@@ -216,5 +216,6 @@ def write_prefix(path: Path, out: Path, last_record: int) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp made it private
     os.replace(tmp, out)
     return len(text.encode())

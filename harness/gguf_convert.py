@@ -84,7 +84,8 @@ def converted_folder(gguf: Path, cache_dir: str) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             if isinstance(e, Exception):
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise ConversionError(f"cannot convert {gguf} (a complete GGUF file?): {reason}; nothing was written") from e
+                hint = " (a complete GGUF file?)" if isinstance(e, ValueError) else ""  # what a broken file raises
+                raise ConversionError(f"cannot convert {gguf}{hint}: {reason}; nothing was written") from e
             raise
     return final
 

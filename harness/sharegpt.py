@@ -14,9 +14,10 @@ and modification time). Every record that is not used is counted with the reason
 
 Long ShareGPT conversations were split into parts (`<source id>_<part>`), and a part may start
 with the assistant answering a question that is in the previous part. Such leading assistant
-turns are dropped (counted as `leading_assistant_dropped`; the conversation is kept). A few ids
-occur twice with different conversations: the first keeps the id, the k-th repeat becomes
-`<id>#<k>`, so example ids are unique and stable. The validation split is drawn by source id,
+turns are dropped (counted as `leading_assistant_dropped`; the conversation is kept). An id can
+occur more than once (123 do in the packaged file, the first time with no turns): among usable
+records the first keeps the id and the k-th repeat becomes `<id>#<k>`, so example ids are unique
+and stable. The validation split is drawn by source id,
 so all parts of one conversation land on the same side.
 """
 

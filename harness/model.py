@@ -1,13 +1,16 @@
-"""Tokenizer and causal LM: the embedded tiny LLaMA, or any Hugging Face checkpoint."""
+"""Tokenizer and causal LM: the embedded tiny LLaMA, any Hugging Face checkpoint, or a GGUF
+checkpoint converted once into one (`model=smollm2`, harness/gguf_convert.py)."""
 
 from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from harness import gguf_convert
 from harness.chat_tokenizer import build_char_tokenizer
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -31,6 +34,19 @@ def _check_local(path: str, need_weights: bool) -> None:
         raise ModelError(f"model.name_or_path={path!r}: folder holds no safetensors weights")
 
 
+def checkpoint(cfg) -> str:
+    """What `from_pretrained` reads: model=hf's `name_or_path`, or model=smollm2's converted folder."""
+    if cfg.kind != "smollm2":
+        return cfg.name_or_path
+    try:
+        gguf = Path(os.path.expanduser(cfg.gguf_file)) if cfg.gguf_file else gguf_convert.packaged_gguf()
+        if not gguf.is_file():
+            raise gguf_convert.ConversionError(f"model.gguf_file={cfg.gguf_file!r}: no such file")
+        return str(gguf_convert.converted_folder(gguf, cfg.cache_dir))
+    except gguf_convert.ConversionError as e:
+        raise ModelError(str(e)) from None
+
+
 def load_tokenizer(cfg):
     """The tokenizer of the model config `cfg` (the `model` group), with a chat template.
 
@@ -38,13 +54,14 @@ def load_tokenizer(cfg):
     line before anything else starts."""
     if cfg.kind == "tiny_llama":
         return build_char_tokenizer()
-    _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    path = checkpoint(cfg)
+    _check_local(path, need_weights=cfg.init == "pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if not tokenizer.chat_template:
         raise ModelError(
-            f"tokenizer of {cfg.name_or_path!r} has no chat template; set model.chat_template"
+            f"tokenizer of {path!r} has no chat template; set model.chat_template"
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -73,10 +90,11 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
         return LlamaForCausalLM(config).to(dtype)
     attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attention)
+    path = checkpoint(cfg)
     if cfg.init == "random":
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, use_safetensors=True, **common)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
 
 
 def choose_attention(model, setting: str, device: torch.device, packed: bool) -> None:

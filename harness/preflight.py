@@ -17,7 +17,7 @@ from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
 from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.model import ModelError, load_tokenizer
-from harness.sources import DataError
+from harness.sources import DataError, load_source
 from harness.tokenise import prepare_data
 
 USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
@@ -93,8 +93,11 @@ def check_command_line(argv: list[str]) -> None:
                 key = str((cfg.model, cfg.data))
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
+                    check_data = cfg.data.kind != "synthetic" and world_from_env().is_main
+                    if check_data:
+                        load_source(cfg.data)  # bad data fails before a model is downloaded or converted
                     tokenizer = load_tokenizer(cfg.model)
-                    if cfg.data.kind != "synthetic" and world_from_env().is_main:
+                    if check_data:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
             except USER_ERRORS as e:
                 raise InputError(str(e)) from None

@@ -1,5 +1,6 @@
-"""Where conversations come from: the embedded synthetic set (`data=synthetic`) or anything
-`datasets.load_dataset` reads (`data=hf`: a Hub name, or json/parquet/csv files).
+"""Where conversations come from: the embedded synthetic set (`data=synthetic`), anything
+`datasets.load_dataset` reads (`data=hf`: a Hub name, or json/parquet/csv files), or ShareGPT
+(`data=sharegpt`, harness/sharegpt.py).
 
 A source gives train and validation splits whose rows are `(example_id, messages, row)`:
 a stable id, the conversation as it is in the data, and its row in the source split (for
@@ -13,12 +14,13 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 from omegaconf import OmegaConf
 
-from harness import synthetic_chat
+from harness import sharegpt, synthetic_chat
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
@@ -37,12 +39,15 @@ class Source:
     role_names: dict[str, str]  # our role -> the data's name for it
     cacheable: bool  # tokenised rows are cached on disk (not worth it for generated data)
     content: str = ""  # identifies the data's content (cacheable sources): part of the cache key
+    counts: dict[str, int] = field(default_factory=dict)  # what the source read and left out, and why
 
 
 def load_source(cfg) -> Source:
     """The conversations of the data config `cfg` (the `data` group)."""
     if cfg.kind == "synthetic":
         return _synthetic(cfg)
+    if cfg.kind == "sharegpt":
+        return _sharegpt(cfg)
     return _hf(cfg)
 
 
@@ -260,3 +265,25 @@ def _values_at(node, keys: list[str]) -> list:
     if key == "[]":
         return [v for item in node for v in _values_at(item, rest)] if isinstance(node, list) else []
     return _values_at(node[key], rest) if isinstance(node, dict) and key in node else []
+
+
+def _sharegpt(cfg) -> Source:
+    try:
+        if cfg.path:
+            path = Path(os.path.expanduser(cfg.path))
+            if not path.is_file():
+                raise sharegpt.ShareGPTError(f"data.path={cfg.path!r}: no such file")
+        else:
+            path = sharegpt.packaged_file()
+        conversations = sharegpt.cached_conversations(path, cfg.cache_dir)
+    except sharegpt.ShareGPTError as e:
+        raise DataError(str(e)) from None
+    train, val, counts = sharegpt.select(conversations, single_turn=cfg.single_turn, max_examples=cfg.max_examples,
+                                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if not len(train) or not len(val):
+        left_out = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+        raise DataError(f"data=sharegpt: no {'training' if not len(train) else 'validation'} conversation left "
+                        f"after filtering {path.name} ({left_out})")
+    return Source(train, val, f"ShareGPT {path}",
+                  {"train": "train", "validation": "validation"}, "conversations", ROLES, cacheable=True,
+                  content=f"sharegpt:{conversations.key}", counts=counts)

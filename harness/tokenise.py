@@ -19,8 +19,8 @@ from harness.sources import DataError, Source, bad_file, load_source, row_line
 
 log = logging.getLogger(__name__)
 TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
-CACHE_KEYS = ("path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
-              "messages_column", "id_column", "role_names", "max_seq_len", "truncation")
+CACHE_KEYS = ("kind", "path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
+              "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn")
 
 
 @dataclass
@@ -94,6 +94,8 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     """Tokenised train and validation examples of the data config `cfg` (the `data` group)."""
     try:
         source = load_source(cfg)
+        if source.counts:
+            log.info("%s: %s", source.name, ", ".join(f"{k}={v}" for k, v in source.counts.items()))
         counts: dict[str, int] = {}
         train_tok, cache_train = _tokenize(source, "train", cfg, tokenizer)
         val_tok, cache_val = _tokenize(source, "validation", cfg, tokenizer)
@@ -107,4 +109,5 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
     if not val:
         raise DataError(f"data: every validation example was dropped ({counts})")
+    counts |= {f"source/{k}": v for k, v in source.counts.items()}
     return PreparedData(train, val, counts, cache_train if cache_train == cache_val else "built")

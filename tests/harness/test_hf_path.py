@@ -7,6 +7,7 @@ import mlflow
 import pandas as pd
 import pyarrow
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from omegaconf import OmegaConf
@@ -55,6 +56,7 @@ def assets(tmp_path_factory):
     tok.save_pretrained(model_dir)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    torch.manual_seed(12345)  # the checkpoint's weights, whatever earlier tests left in the global generator
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rows = {split: [{"id": f"{split}_{i}", "source": "unit", "messages": conversation(i)} for i in range(n)]
             for split, n in (("train", 40), ("validation", 12))}

@@ -31,7 +31,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", type=lambda s: [float(x) for x in s.split(",")],
                    help="fixed inner bucket edges instead of quantiles, e.g. 32,64,128,256")
     p.add_argument("--reference", default="mean", help="the mode others are compared against (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--allow-unpaired", action="store_true",
                    help="compare runs that are not verified pairs; every output is marked UNPAIRED")
     p.add_argument("--no-plots", action="store_true", help="tables and report only")
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             parent = parent_from_sweep_dir(sweep_dir)
         out = args.out or (sweep_dir / "analysis" if sweep_dir else Path("analysis_out"))
         opts = Options(bucket_by=args.bucket_by, buckets=args.buckets, edges=args.edges,
-                       reference=args.reference, allow_unpaired=args.allow_unpaired, n_boot=args.n_boot)
+                       reference=args.reference, allow_unpaired=args.allow_unpaired)
         run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,7 +7,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -72,8 +71,7 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
         if found is None:
             raise AnalysisError(f"no experiment named {experiment!r} in {uri}")
         experiment_ids, query = [found.experiment_id], f"tags.{artifacts.TAG_MODE} != ''"
-    runs = mlflow.search_runs(experiment_ids, filter_string=query, output_format="pandas",
-                              max_results=50_000, search_all_experiments=False)
+    runs = _search(client, experiment_ids, query)
     if runs.empty:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         raise AnalysisError(f"no training runs match {where} in {uri}")
@@ -89,6 +87,22 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in out]
     out = out.join(runs[params].rename(columns=lambda c: c[len("params."):]))
     return out.reset_index(drop=True)
+
+
+def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.DataFrame:
+    """Runs as one row each (run_id, status, tags.*, params.*, metrics.*), read from the
+    client's store (never the process-wide tracking URI)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=query, max_results=5000, page_token=token)
+        for run in page:
+            row = {"run_id": run.info.run_id, "status": run.info.status}
+            for prefix, values in (("tags", run.data.tags), ("params", run.data.params), ("metrics", run.data.metrics)):
+                row.update({f"{prefix}.{k}": v for k, v in values.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def _require_schema(runs: pd.DataFrame) -> None:

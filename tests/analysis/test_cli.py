@@ -79,3 +79,20 @@ def test_bad_selection_fails_in_one_line_leaving_nothing(tmp_path, case, expecte
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
     assert not out.exists()
     assert not list(tmp_path.glob(".out-*"))  # no staging folder left behind
+
+
+@pytest.mark.slow
+def test_tracking_uri_is_used_from_any_working_folder(tmp_path):
+    """The store lives elsewhere; the working folder stays empty (no stray mlflow.db)."""
+    store = tmp_path / "elsewhere"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    log_sweep(uri, store, simulated_runs(60, rng=np.random.default_rng(4)))
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    proc = run_analysis_cli(["--tracking-uri", uri, "--experiment", "reduce-loss", "--out", str(out), "--no-plots"], work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "analysis of 4 runs" in proc.stderr
+    assert (out / "report.md").exists()
+    assert list(work.iterdir()) == []

@@ -39,7 +39,10 @@ def load_tokenizer(cfg):
     if cfg.kind == "tiny_llama":
         return build_char_tokenizer()
     _check_local(cfg.name_or_path, need_weights=cfg.init == "pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # no network, offline without a cached copy, no such repository
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if not tokenizer.chat_template:
@@ -49,6 +52,12 @@ def load_tokenizer(cfg):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _unreachable(name: str, error: OSError) -> str:
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else ""
+    return (f"model.name_or_path={name!r}: cannot load it from the Hub or the local cache{offline}: "
+            f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:300]}")
 
 
 def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
@@ -72,7 +81,10 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
         config._attn_implementation = cfg.attn_implementation
         return LlamaForCausalLM(config).to(dtype)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    if cfg.init == "random":
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, use_safetensors=True, **common)
+    try:
+        if cfg.init == "random":
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, use_safetensors=True, **common)
+    except OSError as e:
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None

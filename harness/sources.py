@@ -79,8 +79,8 @@ def _hf(cfg) -> Source:
             raise DataError(f"data.data_files: no such file {f!r}")
     try:
         ds = datasets.load_dataset(cfg.path, name=cfg.name, data_files=files)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
-            datasets.exceptions.DatasetGenerationError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:  # ConnectionError: no network, or offline and not cached
         cause = e.__cause__ or e
         raise DataError(f"data.path={cfg.path!r} ({describe(cfg)}): {str(cause).splitlines()[0][:300]}") from e
     if cfg.split not in ds:

@@ -7,7 +7,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from harness.config import CONF_DIR
 from tests.helpers.cli import QUICK, child_runs, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.slow
@@ -96,6 +99,39 @@ def test_help_and_cfg_job(tmp_path):
     cfg = run_cli(["--cfg", "job", "reduce_loss=sum"], tmp_path)
     assert cfg.returncode == 0 and "reduce_loss: sum" in cfg.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_cfg_job_on_every_preset_prints_offline_and_opens_nothing(tmp_path, monkeypatch):
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf"))):
+        monkeypatch.setenv(name, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in EXPERIMENTS:
+        proc = run_cli([f"+experiment={name}", "--cfg", "job"], work)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        assert "reduce_loss:" in proc.stdout and "trainer:" in proc.stdout, name
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, expected", [
+    ("model=hf model.name_or_path=nobody-here/no-such-model",
+     "error: model.name_or_path='nobody-here/no-such-model': cannot load it from the Hub or the local cache "
+     "(HF_HUB_OFFLINE is set)"),
+    ("data=hf data.path=nobody-here/no-such-data",
+     "error: data.path='nobody-here/no-such-data' (nobody-here/no-such-data): Couldn't reach"),
+])
+def test_unreachable_hub_is_one_line_before_anything_starts(tmp_path, monkeypatch, override, expected):
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf"))):
+        monkeypatch.setenv(name, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli(override.split(), work)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -46,6 +46,11 @@ def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
     check_command_line(["data.packing=true"])
 
 
+def test_cfg_opens_nothing():
+    assert job_overrides(["--cfg", "job", "+experiment=tulu_qwen_0p5b"]) is None
+    assert job_overrides(["-m", "--cfg", "all", "model=hf", "model.name_or_path=/no/such/model"]) is None
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["reduce_loss=median"], "reduce_loss='median' is not valid; choose one of: mean, sum, token_mean, seq_mean"),
     (["model=nope"], "model=nope is not a known option; choose one of: hf, tiny_llama"),

@@ -1,12 +1,12 @@
 """Pairing check, length buckets, per-bucket losses, paired intervals over seeds and examples,
-gradient shares.
+clipping, gradient shares.
 
 Everything here works on pandas frames and returns frames; nothing plots or writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ class Results:
     grad_share: pd.DataFrame  # reduce_loss, bucket, share
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
+    clipping: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode (`clipping`); empty if not logged
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:
@@ -196,7 +197,28 @@ def analyse(data: RunData, opts: Options) -> Results:
 
     curves = data.curves.join(info, on="run_id")
     return Results(opts, runs, paired, edges, bucket_labels(edges), bucket_losses, paired_diff,
-                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step)
+                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step, clipping(runs))
+
+
+MOSTLY = 0.5  # a mode whose runs were clipped on more than this share of steps is "mostly clipped"
+
+
+def clipping(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per mode, over its runs that logged it: the share of steps whose gradient was clipped
+    (mean, min, max over runs), the median pre-clip gradient norm (median of the runs'
+    medians), the clipping threshold, and whether the mode was mostly clipped."""
+    columns = ["reduce_loss", "runs", "clipped_fraction", "clipped_min", "clipped_max", "grad_norm_median",
+               "max_grad_norm", "mostly_clipped"]
+    if "clipped_fraction" not in runs or runs.clipped_fraction.isna().all():
+        return pd.DataFrame(columns=columns)
+    logged = runs.dropna(subset=["clipped_fraction"]).assign(
+        max_grad_norm=runs.get("trainer.max_grad_norm", pd.Series("?", index=runs.index)).fillna("?"))
+    out = logged.groupby("reduce_loss").agg(
+        runs=("run_id", "size"), clipped_fraction=("clipped_fraction", "mean"), clipped_min=("clipped_fraction", "min"),
+        clipped_max=("clipped_fraction", "max"), grad_norm_median=("grad_norm_median", "median"),
+        max_grad_norm=("max_grad_norm", lambda v: ", ".join(sorted(set(map(str, v)))))).reset_index()
+    out["mostly_clipped"] = out.clipped_fraction > MOSTLY
+    return out[columns]
 
 
 def grad_share(grad_weights: pd.DataFrame, info: pd.DataFrame, edges: np.ndarray, bucket_by: str) -> pd.DataFrame:

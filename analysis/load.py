@@ -23,10 +23,15 @@ class AnalysisError(Exception):
 
 @dataclass
 class RunData:
-    runs: pd.DataFrame  # one row per run: run_id, run_name, status + artifacts.RUN_TAGS
+    runs: pd.DataFrame  # one row per run: run_id, run_name, status, artifacts.RUN_TAGS, params, RUN_METRICS
     evals: pd.DataFrame  # run_id, step + artifacts.EVAL_COLUMNS
     grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
+
+
+# End-of-run metrics read into `runs` (column name: metric); absent in runs that did not log them.
+RUN_METRICS = {"clipped_fraction": artifacts.CLIPPED_FRACTION_METRIC,
+               "grad_norm_median": artifacts.GRAD_NORM_MEDIAN_METRIC}
 
 
 def check_reachable(uri: str) -> None:
@@ -84,6 +89,9 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
     out["run_name"] = runs.get("tags.mlflow.runName")
     for tag in artifacts.RUN_TAGS:
         out[tag] = runs.get(f"tags.{tag}")
+    out["loss_scale_value"] = runs.get(f"tags.{artifacts.TAG_LOSS_SCALE}")  # `auto` resolved
+    for column, metric in RUN_METRICS.items():
+        out[column] = runs.get(f"metrics.{metric}")
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in out]
     out = out.join(runs[params].rename(columns=lambda c: c[len("params."):]))
     return out.reset_index(drop=True)

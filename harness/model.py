@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from harness.chat_tokenizer import build_char_tokenizer
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -64,6 +66,11 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
     """The model, on the CPU, initialised from `seed` alone (for random init)."""
     torch.manual_seed(seed)
     dtype = _dtype(cfg.dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        log.warning("model.dtype=%s: the weights and AdamW's updates are kept in %s, which rounds away an "
+                    "update smaller than about %.2g%% of a weight (most updates at fine-tuning learning rates); "
+                    "model.dtype=float32 with trainer.precision=auto (bf16 autocast on CUDA) keeps them",
+                    cfg.dtype, cfg.dtype, 100 * torch.finfo(dtype).eps / 2)
     if cfg.kind == "tiny_llama":
         config = LlamaConfig(
             vocab_size=len(tokenizer),

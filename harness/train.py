@@ -21,6 +21,7 @@ from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
 from harness.model import build_model, load_tokenizer
+from harness.reduction import auto_loss_scale
 from harness.step import train_step
 from harness.tokenise import PreparedData, prepare_data
 from harness.tracking import RunLogger, flat_params
@@ -37,12 +38,21 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast over the model's own (float32 by default) weights: asked for with
+    `bf16-mixed`, or `auto` on CUDA. None: the forward pass runs in the weights' dtype."""
+    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class Setup:
     data: PreparedData
     model: torch.nn.Module
     steps: list[list[int]]  # the training examples of every step
     pad_id: int
+    loss_scale: float  # `sum`'s token weight, `auto` resolved
     identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
 
 
@@ -57,6 +67,8 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         distributed.barrier(world)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     steps = training_order(len(data.train), cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.seed)
+    loss_scale = cfg.loss_scale if cfg.loss_scale != "auto" else \
+        auto_loss_scale([e.target_tokens for e in data.train], steps)
     identity = {
         artifacts.TAG_MODE: cfg.reduce_loss,
         artifacts.TAG_SEED: str(cfg.seed),
@@ -64,11 +76,13 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         artifacts.TAG_INIT: params_fingerprint(model),
         artifacts.TAG_DATA: order_fingerprint([data.train[i].example_id for step in steps for i in step]),
         artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
+        artifacts.TAG_LOSS_SCALE: repr(float(loss_scale)),
+        "precision": "bf16-mixed" if autocast_dtype(cfg.trainer.precision, device) else "fp32",
         "tokenisation_cache": "reused" if data.cache_reused else "built",
         "device": device.type,
         "world_size": str(world.size),
     }
-    return Setup(data, model, steps, tokenizer.pad_token_id, identity)
+    return Setup(data, model, steps, tokenizer.pad_token_id, float(loss_scale), identity)
 
 
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
@@ -87,9 +101,9 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
-    step_args = dict(mode=cfg.reduce_loss, loss_scale=cfg.loss_scale, max_grad_norm=t.max_grad_norm,
+    step_args = dict(mode=cfg.reduce_loss, loss_scale=run.loss_scale, max_grad_norm=t.max_grad_norm,
                      grad_accum=t.grad_accum, world=world, layout=layout, device=device,
-                     autocast_dtype=torch.bfloat16 if t.precision == "bf16-mixed" else None)
+                     autocast_dtype=autocast_dtype(t.precision, device))
     eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world)
     train_set = run.data.train
 
@@ -97,8 +111,11 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity, parent_run_id)
     try:
         log_config(cfg, run.data, out_dir, tracker, world)
+        tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
         grad_weight = torch.zeros(len(train_set), dtype=torch.float64, device=device)
         times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
+        grad_norms = torch.zeros(t.max_steps, dtype=torch.float64, device=device)  # before clipping
+        clipped_steps = torch.zeros((), dtype=torch.long, device=device)
         meter = Throughput()
         val_metrics: dict[str, float] = {}
         progress = tqdm(range(1, t.max_steps + 1), desc=f"{cfg.reduce_loss} seed {cfg.seed}",
@@ -107,6 +124,8 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
             record = train_step(ddp, optimizer, scheduler, train_set, run.steps[step - 1], **step_args)
             grad_weight.index_add_(0, record.example_index, record.example_weight)
             times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
+            grad_norms[step - 1] = record.grad_norm  # on the device: no sync
+            clipped_steps += record.clipped
             meter.add(record.tokens)
             if step % t.log_every == 0 or step == t.max_steps:
                 log_step(record, scheduler, meter.rate(), step, tracker, progress)
@@ -115,6 +134,8 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                                                **eval_args)
                 meter.restart()  # evaluation time is not training throughput
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
+        tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(clipped_steps) / t.max_steps,
+                         artifacts.GRAD_NORM_MEDIAN_METRIC: float(grad_norms.quantile(0.5))}, step=t.max_steps)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
     except BaseException as error:
         tracker.end(error)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 @pytest.mark.slow
 def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
-    proc = run_cli(["-m", "reduce_loss=mean,sum", "seed=0,1", *QUICK], tmp_path)
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "seed=0,1", "trainer.max_grad_norm=1.5", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = child_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
@@ -29,6 +30,10 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
             assert pair[f"tags.{tag}"].nunique() == 1, (seed, tag)
     for tag in ("pair_id", "init_fingerprint", "data_fingerprint"):
         assert children.groupby("tags.seed")[f"tags.{tag}"].first().nunique() == 2, tag
+    for seed, pair in children.groupby("tags.seed"):  # loss_scale=auto (the default): one value per pair
+        assert pair["tags.loss_scale"].nunique() == 1 and 0 < float(pair["tags.loss_scale"].iloc[0]) < 0.1
+        assert (pair["params.loss_scale"] == "auto").all()
+        assert (pair["metrics.train/loss_scale"] == float(pair["tags.loss_scale"].iloc[0])).all()
 
     client = MlflowClient()
     run_id = children.run_id.iloc[0]
@@ -37,6 +42,13 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     assert [m.step for m in history] == [3, 6]
     for metric in ("train/loss", "val/seq_loss"):
         assert client.get_metric_history(run_id, metric)
+    for _, run in children.iterrows():  # counted on the device over all steps = the per-step logs (log_every=1)
+        norms = [m.value for m in sorted(client.get_metric_history(run.run_id, "train/grad_norm"), key=lambda m: m.step)]
+        clipped = [m.value for m in sorted(client.get_metric_history(run.run_id, "train/clipped"), key=lambda m: m.step)]
+        assert len(norms) == len(clipped) == 6
+        assert clipped == [float(n > 1.5) for n in norms]
+        assert run["metrics.train/clipped_fraction"] == pytest.approx(sum(clipped) / 6)
+        assert run["metrics.train/grad_norm_median"] == pytest.approx(float(np.median(norms)), rel=1e-6)
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert names == {"eval/step_00000003.parquet", "eval/step_00000006.parquet", "eval/final.parquet"}
     assert "resolved_config.yaml" in {a.path for a in client.list_artifacts(run_id)}
@@ -48,6 +60,9 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
 
     sweep_dir = next(tmp_path.glob("multirun/*/*"))
     written = {p.name for p in (sweep_dir / "analysis").iterdir()}
+    report = (sweep_dir / "analysis" / "report.md").read_text()
+    assert "## Clipping: share of steps whose gradient was clipped" in report and "clipping.csv" in written
+    assert "examples, 2 seeds)" in report
     assert {"val_loss_by_bucket.png", "paired_difference.png", "train_loss.png", "gradient_weight_share.png",
             "val_loss_by_bucket_over_steps.png", "report.md", "report.html"} <= written
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}

@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=6, help="equal-count quantile buckets (default: %(default)s)")
     p.add_argument("--edges", type=lambda s: [float(x) for x in s.split(",")],
                    help="fixed inner bucket edges instead of quantiles, e.g. 32,64,128,256")
-    p.add_argument("--reference", default="mean", help="the mode others are compared against (default: %(default)s)")
+    p.add_argument("--reference", help="the mode others are compared against "
+                                        "(default: mean, else token_mean, sum, seq_mean: the first among the runs)")
     p.add_argument("--allow-unpaired", action="store_true",
                    help="compare runs that are not verified pairs; every output is marked UNPAIRED")
     p.add_argument("--no-plots", action="store_true", help="tables and report only")

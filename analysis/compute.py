@@ -6,7 +6,7 @@ Everything here works on pandas frames and returns frames; nothing plots or writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -15,12 +15,15 @@ from scipy.stats import t as student_t
 from analysis.load import AnalysisError, RunData, require_two_modes
 
 
+REFERENCES = ("mean", "token_mean", "sum", "seq_mean")  # the default reference, in order of preference
+
+
 @dataclass
 class Options:
     bucket_by: str = "seq_len"  # seq_len | target_tokens
     buckets: int = 6  # equal-count quantile buckets of the validation set ...
     edges: list[float] | None = None  # ... unless fixed inner edges are given
-    reference: str = "mean"
+    reference: str | None = None  # None: the first of REFERENCES among the runs
     allow_unpaired: bool = False
     confidence: float = 0.95
 
@@ -169,6 +172,9 @@ def interval_table(diffs: pd.DataFrame, confidence: float) -> pd.DataFrame:
 
 def analyse(data: RunData, opts: Options) -> Results:
     runs, paired = check_pairs(data, opts.allow_unpaired)
+    if opts.reference is None:
+        present = set(runs.reduce_loss)
+        opts = replace(opts, reference=next((m for m in REFERENCES if m in present), sorted(present)[0]))
     if opts.reference not in set(runs.reduce_loss):
         raise AnalysisError(f"reference mode {opts.reference!r} is not among the runs ({', '.join(sorted(set(runs.reduce_loss)))})")
     if opts.bucket_by not in ("seq_len", "target_tokens"):

@@ -154,3 +154,12 @@ def test_gradient_share_follows_the_mode_weights():
     assert np.allclose(share.sum(), 1.0)
     assert share["sum"].iloc[-1] > share["mean"].iloc[-1]  # sum weighs long examples by their tokens
     assert abs(share["mean"].iloc[0] - 1 / 3) < 0.02  # equal weight per example, equal-count buckets
+
+
+def test_reference_defaults_to_mean_else_token_mean():
+    res = analyse(simulated_runs(60, modes=("mean", "sum", "token_mean")), Options())
+    assert res.options.reference == "mean" and set(res.paired_diff.reduce_loss) == {"sum", "token_mean"}
+    res = analyse(simulated_runs(60, modes=("sum", "token_mean")), Options())
+    assert res.options.reference == "token_mean" and set(res.paired_diff.reduce_loss) == {"sum"}
+    with pytest.raises(AnalysisError, match="reference mode 'mean' is not among the runs"):
+        analyse(simulated_runs(60, modes=("sum", "token_mean")), Options(reference="mean"))

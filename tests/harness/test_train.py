@@ -11,9 +11,11 @@ from harness.config import CONF_DIR, CONFIG_NAME, pair_key
 from harness.distributed import World
 from harness.model import build_model
 from harness.chat_tokenizer import build_char_tokenizer
+from harness.step import train_step
 from harness.train import autocast_dtype, set_up
 from tests.helpers.cli import QUICK
-from tests.helpers.models import tiny_model
+from tests.helpers.gradients import UNEQUAL
+from tests.helpers.models import make_examples, tiny_model
 
 
 def config(overrides):
@@ -84,6 +86,17 @@ def test_half_precision_weights_are_warned_about(caplog):
 
 
 @pytest.mark.gpu
-def test_cuda_default_trains_float32_weights_under_bf16_autocast():
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    assert adamw_step_changes(torch.float32, device="cuda") > 0.99
+def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
+    """trainer.precision=auto on CUDA: the forward pass in bfloat16, the weights and AdamW's
+    updates in float32, so an update of about lr = 1e-5 reaches every weight with a gradient."""
+    device = torch.device("cuda")
+    model = tiny_model(dtype=torch.float32).to(device)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    train_step(model, optimizer, None, make_examples(UNEQUAL), list(range(len(UNEQUAL))), mode="token_mean",
+               loss_scale=1.0, max_grad_norm=None, grad_accum=2, world=World(), device=device,
+               layout=dict(pad_id=0, packing=False, row_length=128), autocast_dtype=autocast_dtype("auto", device))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    has_grad = torch.cat([p.grad.flatten() != 0 for p in model.parameters()])
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert has_grad.float().mean() > 0.5 and (after != before)[has_grad].float().mean() > 0.99

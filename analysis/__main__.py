@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=6, help="equal-count quantile buckets (default: %(default)s)")
     p.add_argument("--edges", type=lambda s: [float(x) for x in s.split(",")],
                    help="fixed inner bucket edges instead of quantiles, e.g. 32,64,128,256")
-    p.add_argument("--reference", default="mean", help="the mode others are compared against (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--reference", help="the mode others are compared against "
+                                        "(default: mean, else token_mean, sum, seq_mean: the first among the runs)")
     p.add_argument("--allow-unpaired", action="store_true",
                    help="compare runs that are not verified pairs; every output is marked UNPAIRED")
     p.add_argument("--include-flagged", action="store_true",
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (sweep_dir / "analysis" if sweep_dir else Path("analysis_out"))
         opts = Options(bucket_by=args.bucket_by, buckets=args.buckets, edges=args.edges,
                        reference=args.reference, allow_unpaired=args.allow_unpaired,
-                       include_flagged=args.include_flagged, n_boot=args.n_boot)
+                       include_flagged=args.include_flagged)
         run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots)
     except AnalysisError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)

@@ -9,7 +9,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -28,11 +27,16 @@ class AnalysisError(Exception):
 
 @dataclass
 class RunData:
-    runs: pd.DataFrame  # one row per run: run_id, run_name, status + artifacts.RUN_TAGS
+    runs: pd.DataFrame  # one row per run: run_id, run_name, status, artifacts.RUN_TAGS, params, RUN_METRICS
     evals: pd.DataFrame  # run_id, step + artifacts.EVAL_COLUMNS
     grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
     superseded: list[str] = field(default_factory=list)  # earlier runs of a job that ran again, left out
+
+
+# End-of-run metrics read into `runs` (column name: metric); absent in runs that did not log them.
+RUN_METRICS = {"clipped_fraction": artifacts.CLIPPED_FRACTION_METRIC,
+               "grad_norm_median": artifacts.GRAD_NORM_MEDIAN_METRIC}
 
 
 def check_reachable(uri: str) -> None:
@@ -80,9 +84,7 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
         if found is None:
             raise AnalysisError(f"no experiment named {experiment!r} in {uri}")
         experiment_ids, query = [found.experiment_id], f"tags.{artifacts.TAG_MODE} != ''"
-    mlflow.set_tracking_uri(uri)  # mlflow.search_runs reads the global store, not `client`'s
-    runs = mlflow.search_runs(experiment_ids, filter_string=query, output_format="pandas",
-                              max_results=50_000, search_all_experiments=False)
+    runs = _search(client, experiment_ids, query)
     if runs.empty:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         raise AnalysisError(f"no training runs match {where} in {uri}")
@@ -95,6 +97,9 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
     out["run_name"] = runs.get("tags.mlflow.runName")
     for tag in artifacts.RUN_TAGS + [artifacts.TAG_FLAG]:
         out[tag] = runs.get(f"tags.{tag}")
+    out["loss_scale_value"] = runs.get(f"tags.{artifacts.TAG_LOSS_SCALE}")  # `auto` resolved
+    for column, metric in RUN_METRICS.items():
+        out[column] = runs.get(f"metrics.{metric}")
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in out]
     out = out.join(runs[params].rename(columns=lambda c: c[len("params."):]))
     return out.reset_index(drop=True), left_out
@@ -124,6 +129,22 @@ def _describe(run: pd.Series, why: str) -> str:
 def _first_line(run: pd.Series, tag: str) -> str:
     value = run.get(f"tags.{tag}")
     return str(value).splitlines()[0][:160] if isinstance(value, str) and value else "no reason recorded"
+
+
+def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.DataFrame:
+    """Runs as one row each (run_id, status, tags.*, params.*, metrics.*), read from the
+    client's store (never the process-wide tracking URI)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=query, max_results=5000, page_token=token)
+        for run in page:
+            row = {"run_id": run.info.run_id, "status": run.info.status}
+            for prefix, values in (("tags", run.data.tags), ("params", run.data.params), ("metrics", run.data.metrics)):
+                row.update({f"{prefix}.{k}": v for k, v in values.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def _require_schema(runs: pd.DataFrame) -> None:

@@ -39,15 +39,17 @@ def _int(key: str, value, minimum: int | None = 1) -> None:
         raise ConfigError(f"{key}={value} must be >= {minimum}")
 
 
-def _positive(key: str, value) -> None:
+def _positive(key: str, value, alternative: str | None = None) -> None:
+    if alternative is not None and value == alternative:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key}={value!r} must be a number > 0")
+        raise ConfigError(f"{key}={value!r} must be a number > 0" + (f" or {alternative}" if alternative else ""))
 
 
 def validate(cfg: DictConfig) -> None:
     _choice("reduce_loss", cfg.reduce_loss, MODES)
     _int("seed", cfg.seed, minimum=None)
-    _positive("loss_scale", cfg.loss_scale)
+    _positive("loss_scale", cfg.loss_scale, alternative="auto")
 
     t = cfg.trainer
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
@@ -58,8 +60,10 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(t.checkpoint_dir, str) or not t.checkpoint_dir:
         raise ConfigError(f"trainer.checkpoint_dir={t.checkpoint_dir!r} must be a folder name")
     _positive("trainer.lr", t.lr)
+    if t.max_grad_norm is not None:  # null: no clipping (the norm is still measured and logged)
+        _positive("trainer.max_grad_norm", t.max_grad_norm)
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("trainer.precision", t.precision, ("fp32", "bf16-mixed"))
+    _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16-mixed"))
     _choice("trainer.scheduler", t.scheduler, [s.value for s in SchedulerType])
     _choice("trainer.compile", t.compile, ("auto", True, False))
     if t.loss_chunk_tokens not in ("auto", None):

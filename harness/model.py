@@ -4,6 +4,7 @@ checkpoint converted once into one (`model=smollm2`, harness/gguf_convert.py).""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from harness import gguf_convert
 from harness.chat_tokenizer import build_char_tokenizer
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -56,7 +58,10 @@ def load_tokenizer(cfg):
         return build_char_tokenizer()
     path = checkpoint(cfg)
     _check_local(path, need_weights=cfg.init == "pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # no network, offline without a cached copy, no such repository
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if not tokenizer.chat_template:
@@ -68,10 +73,21 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
+def _unreachable(name: str, error: OSError) -> str:
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else ""
+    return (f"model.name_or_path={name!r}: cannot load it from the Hub or the local cache{offline}: "
+            f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:300]}")
+
+
 def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
     """The model, on the CPU, initialised from `seed` alone (for random init)."""
     torch.manual_seed(seed)
     dtype = _dtype(cfg.dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        log.warning("model.dtype=%s: the weights and AdamW's updates are kept in %s, which rounds away an "
+                    "update smaller than about %.2g%% of a weight (most updates at fine-tuning learning rates); "
+                    "model.dtype=float32 with trainer.precision=auto (bf16 autocast on CUDA) keeps them",
+                    cfg.dtype, cfg.dtype, 100 * torch.finfo(dtype).eps / 2)
     if cfg.kind == "tiny_llama":
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -91,10 +107,13 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
     attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attention)
     path = checkpoint(cfg)
-    if cfg.init == "random":
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
+    try:
+        if cfg.init == "random":
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
+    except OSError as e:
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
 
 
 def choose_attention(model, setting: str, device: torch.device, packed: bool) -> None:

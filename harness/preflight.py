@@ -1,6 +1,6 @@
 """Check the command line before Hydra starts: every job of a sweep is composed and checked,
 and its model and data sources are opened, so bad input fails in one line before any
-training and before any MLflow run exists."""
+training and before any MLflow run exists. --help, --info and --cfg check and open nothing."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ class InputError(Exception):
 
 
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
-    """The overrides of every job the command line asks for; None for help-like flags.
+    """The overrides of every job the command line asks for; None for help-like flags and
+    --cfg, which only print (and so open no model or data source).
 
     Sweeps come from the command line and, as in Hydra's basic sweeper, from
     `hydra.sweeper.params` (which experiment presets may set)."""
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return None
     overrides = list(args.overrides)
     if args.multirun:

@@ -121,7 +121,7 @@ def broken_store(tmp_path_factory):
 def test_failed_and_flagged_runs_are_refused_by_name_unless_included(tmp_path, broken_store, analysis_main):
     uri, parent, _ = broken_store
     out = tmp_path / "out"
-    args = ["--tracking-uri", uri, "--parent-run-id", parent, "--out", str(out), "--no-plots", "--n-boot", "50"]
+    args = ["--tracking-uri", uri, "--parent-run-id", parent, "--out", str(out), "--no-plots"]
     refused = analysis_main(args)
     assert refused.returncode == 2 and not out.exists()
     line, = refused.stderr.strip().splitlines()
@@ -157,7 +157,7 @@ def test_non_finite_numbers_are_refused_not_skipped(tmp_path, broken_store, case
 @pytest.mark.slow
 def test_out_replaces_only_a_folder_the_tool_wrote(tmp_path, store, analysis_main):
     uri, parent = store
-    args = ["--tracking-uri", uri, "--parent-run-id", parent, "--no-plots", "--n-boot", "50", "--out"]
+    args = ["--tracking-uri", uri, "--parent-run-id", parent, "--no-plots", "--out"]
     foreign = tmp_path / "mine"
     (foreign / "sub").mkdir(parents=True)
     (foreign / "report.md").write_text("my own notes")
@@ -179,3 +179,20 @@ def test_out_replaces_only_a_folder_the_tool_wrote(tmp_path, store, analysis_mai
     assert "holds an earlier report and files this tool did not write (notes.txt)" in proc.stderr
     assert (out / "notes.txt").read_text() == "keep me" and (out / "report.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+@pytest.mark.slow
+def test_tracking_uri_is_used_from_any_working_folder(tmp_path):
+    """The store lives elsewhere; the working folder stays empty (no stray mlflow.db)."""
+    store = tmp_path / "elsewhere"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    log_sweep(uri, store, simulated_runs(60, rng=np.random.default_rng(4)))
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    proc = run_cli(["--tracking-uri", uri, "--experiment", "reduce-loss", "--out", str(out), "--no-plots"], work, module="analysis")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "analysis of 4 runs" in proc.stderr
+    assert (out / "report.md").exists()
+    assert list(work.iterdir()) == []

@@ -5,16 +5,20 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from harness.config import CONF_DIR
 from tests.helpers.cli import QUICK, child_runs, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.slow
 def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
-    proc = run_cli(["-m", "reduce_loss=mean,sum", "seed=0,1", *QUICK], tmp_path)
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "seed=0,1", "trainer.max_grad_norm=1.5", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = child_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
@@ -28,6 +32,10 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
             assert pair[f"tags.{tag}"].nunique() == 1, (seed, tag)
     for tag in ("pair_id", "init_fingerprint", "data_fingerprint"):
         assert children.groupby("tags.seed")[f"tags.{tag}"].first().nunique() == 2, tag
+    for seed, pair in children.groupby("tags.seed"):  # loss_scale=auto (the default): one value per pair
+        assert pair["tags.loss_scale"].nunique() == 1 and 0 < float(pair["tags.loss_scale"].iloc[0]) < 0.1
+        assert (pair["params.loss_scale"] == "auto").all()
+        assert (pair["metrics.train/loss_scale"] == float(pair["tags.loss_scale"].iloc[0])).all()
 
     client = MlflowClient()
     run_id = children.run_id.iloc[0]
@@ -36,6 +44,13 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     assert [m.step for m in history] == [3, 6]
     for metric in ("train/loss", "val/seq_loss"):
         assert client.get_metric_history(run_id, metric)
+    for _, run in children.iterrows():  # counted on the device over all steps = the per-step logs (log_every=1)
+        norms = [m.value for m in sorted(client.get_metric_history(run.run_id, "train/grad_norm"), key=lambda m: m.step)]
+        clipped = [m.value for m in sorted(client.get_metric_history(run.run_id, "train/clipped"), key=lambda m: m.step)]
+        assert len(norms) == len(clipped) == 6
+        assert clipped == [float(n > 1.5) for n in norms]
+        assert run["metrics.train/clipped_fraction"] == pytest.approx(sum(clipped) / 6)
+        assert run["metrics.train/grad_norm_median"] == pytest.approx(float(np.median(norms)), rel=1e-6)
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert names == {"eval/step_00000003.parquet", "eval/step_00000006.parquet", "eval/final.parquet"}
     assert "resolved_config.yaml" in {a.path for a in client.list_artifacts(run_id)}
@@ -47,6 +62,9 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
 
     sweep_dir = next(tmp_path.glob("multirun/*/*"))
     written = {p.name for p in (sweep_dir / "analysis").iterdir()}
+    report = (sweep_dir / "analysis" / "report.md").read_text()
+    assert "## Clipping: share of steps whose gradient was clipped" in report and "clipping.csv" in written
+    assert "examples, 2 seeds)" in report
     assert {"val_loss_by_bucket.png", "paired_difference.png", "train_loss.png", "gradient_weight_share.png",
             "val_loss_by_bucket_over_steps.png", "report.md", "report.html"} <= written
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
@@ -98,6 +116,39 @@ def test_help_and_cfg_job(tmp_path):
     cfg = run_cli(["--cfg", "job", "reduce_loss=sum"], tmp_path)
     assert cfg.returncode == 0 and "reduce_loss: sum" in cfg.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_cfg_job_on_every_preset_prints_offline_and_opens_nothing(tmp_path, monkeypatch):
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf"))):
+        monkeypatch.setenv(name, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in EXPERIMENTS:
+        proc = run_cli([f"+experiment={name}", "--cfg", "job"], work)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        assert "reduce_loss:" in proc.stdout and "trainer:" in proc.stdout, name
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, expected", [
+    ("model=hf model.name_or_path=nobody-here/no-such-model",
+     "error: model.name_or_path='nobody-here/no-such-model': cannot load it from the Hub or the local cache "
+     "(HF_HUB_OFFLINE is set)"),
+    ("data=hf data.path=nobody-here/no-such-data",
+     "error: data.path='nobody-here/no-such-data' (nobody-here/no-such-data): Couldn't reach"),
+])
+def test_unreachable_hub_is_one_line_before_anything_starts(tmp_path, monkeypatch, override, expected):
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf"))):
+        monkeypatch.setenv(name, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli(override.split(), work)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.slow

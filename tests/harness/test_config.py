@@ -66,6 +66,17 @@ def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
     check_command_line(["data.packing=true"])
 
 
+def test_cfg_opens_nothing():
+    assert job_overrides(["--cfg", "job", "+experiment=tulu_qwen_0p5b"]) is None
+    assert job_overrides(["-m", "--cfg", "all", "model=hf", "model.name_or_path=/no/such/model"]) is None
+
+
+@pytest.mark.parametrize("argv", [["trainer.max_grad_norm=null"], ["loss_scale=auto"], ["loss_scale=0.01"],
+                                  ["trainer.precision=auto"], ["trainer.precision=fp32"]])
+def test_valid_settings_pass(argv):
+    check_command_line(argv)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["reduce_loss=median"], "reduce_loss='median' is not valid; choose one of: mean, sum, token_mean, seq_mean"),
     (["model=nope"], "model=nope is not a known option; choose one of: hf, smollm2, tiny_llama"),
@@ -76,7 +87,10 @@ def test_packing_with_null_pack_length_means_rows_of_max_seq_len():
     (["trainer.lr=0"], "trainer.lr=0 must be a number > 0"),
     (["trainer.device=tpu"], "trainer.device='tpu' is not valid"),
     (["trainer.scheduler=nope"], "trainer.scheduler='nope' is not valid"),
-    (["loss_scale=0"], "loss_scale=0 must be a number > 0"),
+    (["loss_scale=0"], "loss_scale=0 must be a number > 0 or auto"),
+    (["loss_scale=automatic"], "loss_scale='automatic' must be a number > 0 or auto"),
+    (["trainer.max_grad_norm=0"], "trainer.max_grad_norm=0 must be a number > 0"),
+    (["trainer.precision=fp16"], "trainer.precision='fp16' is not valid; choose one of: auto, fp32, bf16-mixed"),
     (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1 must be >= 0"),
     (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 must be >= 1"),
     (["data.packing=true", "data.pack_length=abc"], "data.pack_length='abc' is not an integer"),

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from analysis.load import RUN_METRICS
 from harness import artifacts
 
 
@@ -33,5 +35,8 @@ def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True, experiment: str
         client.log_artifact(child, str(folder / artifacts.GRAD_WEIGHT_FILE), artifacts.TRAIN_DIR)
         for step, value in zip((1, 2, 3), losses):
             client.log_metric(child, artifacts.TRAIN_LOSS_METRIC, value, step=step)
+        for column, metric in RUN_METRICS.items():  # end-of-run metrics, where `data.runs` has them
+            if column in data.runs and pd.notna(getattr(run, column)):
+                client.log_metric(child, metric, float(getattr(run, column)), step=3)
         client.set_terminated(child, run.status)
     return parent

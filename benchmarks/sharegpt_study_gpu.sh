@@ -83,7 +83,7 @@ echo "== converting the GGUF and tokenising the data (once; both regimes reuse t
 time (python3 -c 'import sys; from harness.preflight import main_or_exit; main_or_exit(sys.argv[1:])' \
         -m "${common[@]}" "$@" > "$work/prepare.log" 2>&1) || { tail -n 5 "$work/prepare.log"; exit 1; }
 for regime in "${regimes[@]}"; do
-  if [ "$regime" = packed ]; then args=(); else args=(trainer.grad_accum=32 reduce_loss=mean,sum,token_mean); fi
+  if [ "$regime" = packed ]; then args=(); else args=(trainer.grad_accum=32); fi
   echo "== $regime: python -m harness -m ${common[*]} ${args[*]} $*"
   rm -rf "$work/$regime"; mkdir -p "$work/$regime"
   start=$(date +%s.%N)

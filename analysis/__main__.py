@@ -14,8 +14,7 @@ from pathlib import Path
 from analysis.compute import Options
 from analysis.load import AnalysisError, parent_from_sweep_dir
 from analysis.run import run_analysis
-from harness.artifacts import resolve_uri
-from harness.credentials import redact
+from harness.artifacts import redact, resolve_uri
 
 
 def parser() -> argparse.ArgumentParser:

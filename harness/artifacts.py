@@ -75,6 +75,17 @@ def parent_run_id(sweep_dir: Path) -> str | None:
     return f.read_text().strip() if f.exists() else None
 
 
+# scheme://user:password@ (Hydra writes the colons of an override as \:)
+USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*\\?://)[^/@\s'\"]+@")
+HIDDEN = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of every URI in it replaced by ***: what is stored or
+    shown of a tracking URI (harness/credentials.py keeps them out of logs and job files)."""
+    return USERINFO.sub(rf"\g<scheme>{HIDDEN}@", text)
+
+
 def resolve_uri(uri: str) -> str:
     """`sqlite:///mlflow.db` means a file in the launch directory; make it absolute."""
     prefix = "sqlite:///"

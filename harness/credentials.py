@@ -4,7 +4,6 @@ tags, job folder names, logs, or the config files Hydra keeps in each job folder
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# scheme://user:password@ (Hydra writes the colons of an override as \:)
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*\\?://)[^/@\s'\"]+@")
-HIDDEN = "***"
-
-
-def redact(text: str) -> str:
-    """`text` with the user and password of every URI in it replaced by ***."""
-    return _USERINFO.sub(rf"\g<scheme>{HIDDEN}@", text)
+from harness.artifacts import USERINFO, redact
 
 
 class RedactCredentials(logging.Filter):
@@ -28,7 +20,7 @@ class RedactCredentials(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _USERINFO.search(message):
+        if USERINFO.search(message):
             record.msg, record.args = redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
@@ -49,5 +41,5 @@ class RedactJobFiles(Callback):
         for path in files:
             if path.is_file():
                 text = path.read_text()
-                if _USERINFO.search(text):
+                if USERINFO.search(text):
                     path.write_text(redact(text))

@@ -131,42 +131,29 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         return job.finished
     tracker = RunLogger(enabled=world.is_main)
     try:
-        grad_weight = torch.zeros(len(train_set), dtype=torch.float64, device=device)
-        times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
-        grad_norms = torch.zeros(t.max_steps, dtype=torch.float64, device=device)  # before clipping
-        clipped_steps = torch.zeros((), dtype=torch.long, device=device)
-        meter = Throughput()
-        guard = StepGuard(t.max_steps, device)
+        tally = Tally(len(train_set), t.max_steps, device)
         done = 0  # steps already trained
         if job.resume_from is not None:
-            saved = job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device)
-            done, grad_weight, times_seen, meter.total = saved.step, saved.grad_weight, saved.times_seen, saved.tokens_seen
-            guard.load_state_dict(saved.guard)
-            grad_norms, clipped_steps = saved.guard["grad_norms"], saved.guard["clipped_steps"]
+            done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
         tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)
         tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
-        meter.restart()
-        val_metrics: dict[str, float] = {}
+        meter, val_metrics = Throughput(), {}
         progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
         with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
             for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
                 record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
                 progress.update()
-                guard.update(step, record)
-                grad_weight.index_add_(0, record.example_index, record.example_weight)
-                times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
-                grad_norms[step - 1] = record.grad_norm  # on the device: no sync
-                clipped_steps += record.clipped
+                tally.add(step, record)
                 meter.add(record.tokens)
                 logs = step % t.log_every == 0 or step == t.max_steps
                 evaluates = step % t.eval_every == 0 or step == t.max_steps
                 stop = signals.stop_requested(world, device)
                 saves = stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps)
                 if logs or evaluates or saves:
-                    guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
+                    tally.guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
                 if logs:
                     log_step(record, scheduler, meter.rate(), step, tracker, progress)
                 if evaluates:
@@ -174,16 +161,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                                                    tracker, **eval_args)
                     meter.restart()  # evaluation time is not training throughput
                 if saves:
-                    kept = guard.state_dict() | {"grad_norms": grad_norms, "clipped_steps": clipped_steps}
-                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total, kept),
-                                         run.model, optimizer, scheduler, tracker.run_id)
+                    job.checkpoints.save(tally.state(step), run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
-        log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
-        tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(clipped_steps) / t.max_steps,
-                         artifacts.GRAD_NORM_MEDIAN_METRIC: float(grad_norms.quantile(0.5))}, step=t.max_steps)
-        tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
-        flag_run(guard.flags(), tracker)
+        tally.log(train_set, out_dir, tracker, world)
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:
@@ -194,15 +175,54 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     return val_metrics
 
 
+class Tally:
+    """What the loop adds up over a run's steps, on the device (no per-step sync), and keeps in
+    its checkpoints: each training example's gradient weight, clipping, the non-finite guard."""
+
+    def __init__(self, examples: int, max_steps: int, device: torch.device):
+        self.max_steps = max_steps
+        self.grad_weight = torch.zeros(examples, dtype=torch.float64, device=device)
+        self.times_seen = torch.zeros(examples, dtype=torch.long, device=device)
+        self.grad_norms = torch.zeros(max_steps, dtype=torch.float64, device=device)  # before clipping
+        self.clipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.guard = StepGuard(max_steps, device)
+        self.tokens = 0  # over all ranks
+
+    def add(self, step: int, record) -> None:
+        self.guard.update(step, record)
+        self.grad_weight.index_add_(0, record.example_index, record.example_weight)
+        self.times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
+        self.grad_norms[step - 1] = record.grad_norm
+        self.clipped_steps += record.clipped
+        self.tokens += record.tokens
+
+    def state(self, step: int) -> LoopState:
+        kept = self.guard.state_dict() | {"grad_norms": self.grad_norms, "clipped_steps": self.clipped_steps}
+        return LoopState(step, self.grad_weight, self.times_seen, self.tokens, kept)
+
+    def restore(self, saved: LoopState) -> int:
+        """Continue from a checkpoint; returns the steps it had trained."""
+        self.grad_weight, self.times_seen, self.tokens = saved.grad_weight, saved.times_seen, saved.tokens_seen
+        self.guard.load_state_dict(saved.guard)
+        self.grad_norms, self.clipped_steps = saved.guard["grad_norms"], saved.guard["clipped_steps"]
+        return saved.step
+
+    def log(self, examples: list[Example], out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
+        """End of run: gradient weights per example, clipping, tokens, flags."""
+        log_grad_weights(examples, self.grad_weight, self.times_seen, out_dir, tracker, world)
+        tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(self.clipped_steps) / self.max_steps,
+                         artifacts.GRAD_NORM_MEDIAN_METRIC: float(self.grad_norms.quantile(0.5)),
+                         "train/tokens_seen": self.tokens}, step=self.max_steps)
+        flag_run(self.guard.flags(), tracker)
+
+
 class Throughput:
     """Tokens per second over each logging interval (restarted after evaluations)."""
 
     def __init__(self):
-        self.total = 0
         self.restart()
 
     def add(self, tokens: int) -> None:
-        self.total += tokens
         self.since += tokens
 
     def restart(self) -> None:

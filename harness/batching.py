@@ -48,7 +48,7 @@ class MicroBatch:
     targets: torch.Tensor  # [rows, length], IGNORE where no loss
     position_ids: torch.Tensor  # [rows, length]
     seq_index: torch.Tensor  # [rows, length], -1 for padding
-    seq_target_tokens: torch.Tensor  # [rows, length], n_i of the token's example, 0 on padding
+    target_index: torch.Tensor  # flat positions (in rows * length) of the tokens that carry loss
     examples: list[Example]
     packed: bool = False  # several examples per row: the model needs the position ids
 
@@ -56,10 +56,15 @@ class MicroBatch:
     def target_mask(self) -> torch.Tensor:
         return self.targets != IGNORE
 
+    def _map(self, fn) -> "MicroBatch":
+        tensors = (self.input_ids, self.targets, self.position_ids, self.seq_index, self.target_index)
+        return MicroBatch(*(fn(t) for t in tensors), self.examples, self.packed)
+
     def to(self, device) -> "MicroBatch":
-        return MicroBatch(*(to_device(t, device) for t in (self.input_ids, self.targets, self.position_ids,
-                                                           self.seq_index, self.seq_target_tokens)),
-                          self.examples, self.packed)
+        return self._map(lambda t: to_device(t, device))
+
+    def pin(self) -> "MicroBatch":
+        return self._map(torch.Tensor.pin_memory)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -69,8 +74,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int, packed: bool) -> MicroBatch:
-    length = max(sum(examples[i].seq_len for i in row) for row in rows)
+def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int, packed: bool,
+                   length: int | None = None) -> MicroBatch:
+    length = length or max(sum(examples[i].seq_len for i in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     targets = torch.full(shape, IGNORE, dtype=torch.long)
@@ -86,31 +92,38 @@ def _rows_to_batch(rows: list[list[int]], examples: list[Example], pad_id: int, 
             seq_index[r, at : at + n] = i
             at += n
         position_ids[r, at:] = torch.arange(length - at)  # padding: a segment of its own
-    n_i = torch.tensor([0] + [e.target_tokens for e in examples])
-    return MicroBatch(input_ids, targets, position_ids, seq_index, n_i[seq_index + 1], examples, packed)
+    target_index = (targets.flatten() != IGNORE).nonzero().squeeze(1)
+    return MicroBatch(input_ids, targets, position_ids, seq_index, target_index, examples, packed)
 
 
 def pad(examples: list[Example], pad_id: int) -> MicroBatch:
     return _rows_to_batch([[i] for i in range(len(examples))], examples, pad_id, packed=False)
 
 
-def pack(examples: list[Example], row_length: int, pad_id: int) -> MicroBatch:
-    """First-fit packing in the given order; no example is split across rows."""
+def pack_into_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit packing in the given order: which items go in which row; none is split."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i, ex in enumerate(examples):
-        if ex.seq_len > row_length:
-            raise ValueError(f"example {ex.example_id} has {ex.seq_len} tokens, more than the row length {row_length}")
+    for i, n in enumerate(lengths):
+        if n > row_length:
+            raise ValueError(f"an example has {n} tokens, more than the row length {row_length}")
         for r, free in enumerate(room):
-            if ex.seq_len <= free:
+            if n <= free:
                 rows[r].append(i)
-                room[r] -= ex.seq_len
+                room[r] -= n
                 break
         else:
             rows.append([i])
-            room.append(row_length - ex.seq_len)
-    return _rows_to_batch(rows, examples, pad_id, packed=True)
+            room.append(row_length - n)
+    return rows
 
 
-def collate(examples: list[Example], pad_id: int, packing: bool, row_length: int) -> MicroBatch:
-    return pack(examples, row_length, pad_id) if packing else pad(examples, pad_id)
+def pack(examples: list[Example], row_length: int, pad_id: int, fixed_length: bool = False) -> MicroBatch:
+    """Examples packed first-fit into rows; `fixed_length` pads every row to `row_length`
+    (stable shapes for a compiled model)."""
+    rows = pack_into_rows([ex.seq_len for ex in examples], row_length)
+    return _rows_to_batch(rows, examples, pad_id, packed=True, length=row_length if fixed_length else None)
+
+
+def collate(examples: list[Example], pad_id: int, packing: bool, row_length: int, fixed_length: bool = False) -> MicroBatch:
+    return pack(examples, row_length, pad_id, fixed_length) if packing else pad(examples, pad_id)

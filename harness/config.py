@@ -57,7 +57,13 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.precision", t.precision, ("fp32", "bf16-mixed"))
     _choice("trainer.scheduler", t.scheduler, [s.value for s in SchedulerType])
-    world = world_from_env().size
+    _choice("trainer.compile", t.compile, ("auto", True, False))
+    if t.loss_chunk_tokens not in ("auto", None):
+        _int("trainer.loss_chunk_tokens", t.loss_chunk_tokens)
+    running = world_from_env().size
+    if t.world_size is not None:
+        _int("trainer.world_size", t.world_size)
+    world = t.world_size or running
     chunks = t.grad_accum * world
     if t.batch_size < chunks:
         raise ConfigError(
@@ -68,6 +74,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.batch_size={t.batch_size} must be a multiple of grad_accum*world_size={chunks}"
         )
+    if chunks % running:
+        raise ConfigError(
+            f"grad_accum*world_size={chunks} micro-batches cannot be shared evenly by the {running} ranks running"
+        )
+    if t.tokens_per_micro_batch is not None:
+        _int("trainer.tokens_per_micro_batch", t.tokens_per_micro_batch)
+        if t.tokens_per_micro_batch < cfg.data.max_seq_len:
+            raise ConfigError(
+                f"trainer.tokens_per_micro_batch={t.tokens_per_micro_batch} is shorter than "
+                f"data.max_seq_len={cfg.data.max_seq_len}; a micro-batch must hold the longest example"
+            )
 
     d = cfg.data
     _int("data.max_seq_len", d.max_seq_len)

@@ -35,14 +35,6 @@ def init(world: World, device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def gather_to_main(obj, world: World) -> list:
     """Every rank's `obj`, as a list on rank 0 (and [obj] in a world of one)."""
     if world.size == 1:

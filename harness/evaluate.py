@@ -15,7 +15,7 @@ from harness.losses import per_example_sums, token_nll
 
 @torch.no_grad()
 def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, row_length: int,
-             device: torch.device, world: World) -> pd.DataFrame | None:
+             device: torch.device, world: World, chunk_tokens: int | None = None) -> pd.DataFrame | None:
     """One row per validation example (on rank 0; None elsewhere). Each rank evaluates every
     W-th example, so together they cover every example exactly once."""
     was_training = model.training
@@ -24,7 +24,7 @@ def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, ro
     rows = []
     for start in range(0, len(mine), batch_size):
         batch = collate(mine[start : start + batch_size], pad_id, packing, row_length).to(device)
-        sums = per_example_sums(token_nll(model, batch), batch).double().cpu().tolist()
+        sums = per_example_sums(token_nll(model, batch, chunk_tokens), batch).double().cpu().tolist()
         rows += [(e.example_id, e.seq_len, e.target_tokens, s) for e, s in zip(batch.examples, sums)]
     model.train(was_training)
     gathered = gather_to_main(rows, world)
@@ -43,10 +43,11 @@ def summary(df: pd.DataFrame) -> dict[str, float]:
 
 
 def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
-                     layout: dict, device: torch.device, world: World) -> dict[str, float]:
+                     layout: dict, device: torch.device, world: World, chunk_tokens: int | None) -> dict[str, float]:
     """Evaluate, write `eval/step_<step>.parquet` (and `eval/final.parquet` at the end) into
     `out_dir` and the run, log the summary metrics, and return them (empty off rank 0)."""
-    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, **layout)
+    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
+                  **layout)
     if df is None:
         return {}
     folder = out_dir / artifacts.EVAL_DIR

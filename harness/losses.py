@@ -1,4 +1,16 @@
-"""Per-token NLL, computed here rather than taken from `outputs.loss` (a scalar mean)."""
+"""Per-token NLL and the weighted step objective, computed here rather than taken from
+`outputs.loss` (a scalar mean).
+
+Two paths give the same numbers:
+- plain: the model's logits, then cross-entropy per token. Holds [tokens, vocabulary] logits
+  (in float32) for the backward pass: with a 150k vocabulary that dominates memory and time.
+- chunked: the model's last hidden states go through the LM head a chunk of tokens at a time;
+  the gradient of the weighted objective with respect to each chunk's logits is formed at once
+  and folded into the gradients of the hidden states and of the LM head, so no [tokens,
+  vocabulary] tensor outlives its chunk. The token weights are known before the forward pass
+  (harness/reduction.py), which is what makes this possible. Only tokens that carry loss go
+  through the LM head (prompts and padding need no logits).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +21,107 @@ from harness.batching import MicroBatch
 from harness.chat_format import IGNORE
 
 
-def token_nll(model, batch: MicroBatch) -> torch.Tensor:
-    """NLL of every token's target, shape [rows, length]; 0 where there is no target."""
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16 -> fp32, fp64 stays fp64
+
+
+class ChunkedWeightedNLL(torch.autograd.Function):
+    """(sum_t w_t * nll_t, nll) from hidden states [T, H] and the LM head weight [V, H]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, need_grad: bool):
+        acc = _accumulation_dtype(hidden.dtype)
+        nll = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=_accumulation_dtype(weight.dtype)) if need_grad else None
+        valid = targets != IGNORE
+        safe_targets = targets.clamp(min=0).unsqueeze(1)
+        for start in range(0, hidden.shape[0], chunk):
+            end = start + chunk
+            h = hidden[start:end]
+            logits = (h @ weight.t()).to(acc)  # autocast runs the product in bf16
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, safe_targets[start:end]).squeeze(1)
+            nll[start:end] = torch.where(valid[start:end], lse - target_logit, 0.0)
+            if need_grad:  # d(w * nll)/d logits = w * (softmax - onehot(target))
+                w = torch.where(valid[start:end], token_weights[start:end].to(acc), 0.0)
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, safe_targets[start:end], -torch.ones_like(target_logit).unsqueeze(1))
+                grad_logits.mul_(w.unsqueeze(1))
+                grad_logits = grad_logits.to(h.dtype)
+                grad_hidden[start:end] = grad_logits @ weight.to(h.dtype)
+                grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+        loss = (nll * token_weights.to(acc)).sum()
+        ctx.mark_non_differentiable(nll)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_weight * grad_loss.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def supports_chunked_loss(model) -> bool:
+    """The LM head is a plain linear map with no bias and no logit scaling or capping."""
+    head = model.get_output_embeddings()
+    config = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) is None)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM and its per-token loss as one module, so DDP and torch.compile see both.
+
+    forward(input_ids, position_ids, targets, weights, target_index) -> (sum_t weights_t * nll_t, nll),
+    nll shaped like `targets` (0 where there is no target) and detached; `target_index` lists the
+    flat positions of the tokens with a target (MicroBatch.target_index, made on the host so
+    the device never waits to learn it). `chunk_tokens=None` takes the plain path."""
+
+    def __init__(self, model, chunk_tokens: int | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def compile_model(self) -> None:
+        """torch.compile the transformer in place (parameter names unchanged). The chunked loss
+        stays eager: it is a few large matrix products per chunk, which compiling does not
+        speed up, and its gradients are formed inside an autograd.Function."""
+        (self.model.base_model if self.chunk_tokens is not None else self.model).compile()
+
+    def forward(self, input_ids, position_ids, targets, weights, target_index):
+        if self.chunk_tokens is None:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            nll = F.cross_entropy(logits.to(_accumulation_dtype(logits.dtype)).flatten(0, 1), targets.flatten(),
+                                  ignore_index=IGNORE, reduction="none").view_as(targets)
+            return (weights.to(nll.dtype) * nll).sum(), nll.detach()
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings().weight
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad)
+        loss, nll = ChunkedWeightedNLL.apply(hidden.flatten(0, 1)[target_index], head, targets.flatten()[target_index],
+                                             weights.flatten()[target_index], self.chunk_tokens, need_grad)
+        full = torch.zeros(targets.numel(), dtype=nll.dtype, device=nll.device).index_copy_(0, target_index, nll)
+        return loss, full.view_as(targets)
+
+
+def position_ids_of(batch: MicroBatch) -> torch.Tensor | None:
     # Unpacked rows are right-padded, so the default positions and causal mask are exact; packed
     # rows pass position ids that restart per example, from which the document mask is built.
-    position_ids = batch.position_ids if batch.packed else None
-    logits = model(input_ids=batch.input_ids, position_ids=position_ids, use_cache=False).logits
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
-    )
-    return nll.view_as(batch.targets)
+    return batch.position_ids if batch.packed else None
+
+
+@torch.no_grad()
+def token_nll(model, batch: MicroBatch, chunk_tokens: int | None = None) -> torch.Tensor:
+    """NLL of every token's target, shape [rows, length]; 0 where there is no target."""
+    loss_model = CausalLMLoss(model, chunk_tokens)
+    zeros = torch.zeros_like(batch.targets, dtype=torch.float32)
+    return loss_model(batch.input_ids, position_ids_of(batch), batch.targets, zeros, batch.target_index)[1]
 
 
 def per_example_sums(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:

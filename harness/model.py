@@ -69,10 +69,18 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
             bos_token_id=None,
             tie_word_embeddings=cfg.tie_word_embeddings,
         )
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
         return LlamaForCausalLM(config).to(dtype)
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attention)
     if cfg.init == "random":
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, use_safetensors=True, **common)
+
+
+def choose_attention(model, setting: str, device: torch.device, packed: bool) -> None:
+    """`auto`: FlexAttention for packed rows on CUDA (a block-sparse document mask; sdpa would
+    need a dense [L, L] mask there), sdpa otherwise (FlexAttention has no CPU backward)."""
+    if setting == "auto" and device.type == "cuda" and packed:
+        model.set_attn_implementation("flex_attention")

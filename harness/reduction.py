@@ -8,68 +8,60 @@ One optimizer step sees every micro-batch of the step on every rank. With
     W    ranks
 
 each mode's objective is ``sum_t weight_t * l_t`` with the per-token weight below.
-`token_weights` is the only place these formulas are written down; the training loop and
+`example_weights` is the only place these formulas are written down; the training step and
 the gradient-weight accounting both call it.
 
     mean        1 / (G W n_m)   token mean per micro-batch, averaged over micro-batches and ranks
     sum         loss_scale      plain sum over the step (times a constant)
     token_mean  1 / N           global token mean of the step
     seq_mean    1 / (B n_i)     every sequence weighs the same
+
+Every weight is the same for all target tokens of one sequence, and depends on how the step
+is split only through the counts. So the split that defines a mode (the recipe's G, W and
+micro-batches: the *semantic* split) is given here as data, and the batches the GPU actually
+runs (the *physical* split) can be anything: the gradient is the same.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 MODES = ("mean", "sum", "token_mean", "seq_mean")
 
 
-@dataclass(frozen=True)
-class StepCounts:
-    """Counts over the whole optimizer step (all micro-batches, all ranks)."""
+def example_weights(mode: str, target_tokens: torch.Tensor, chunk: torch.Tensor, chunks: int,
+                    loss_scale: float = 1.0) -> torch.Tensor:
+    """Weight of each target token of every sequence of one optimizer step (float64, [B]).
 
-    tokens: int  # N
-    sequences: int  # B
-    micro_batches_per_rank: int  # G
-    world_size: int  # W
-
-
-def token_weights(
-    mode: str,
-    target_mask: torch.Tensor,
-    seq_target_tokens: torch.Tensor,
-    counts: StepCounts,
-    loss_scale: float = 1.0,
-) -> torch.Tensor:
-    """Weight of every token of one micro-batch in the step's objective.
-
-    target_mask: bool, True where a token carries loss (its label is not -100).
-    seq_target_tokens: for every token, n_i of the sequence it belongs to (0 where no sequence).
-    Tokens that carry no loss get weight 0.
+    target_tokens: n_i of each sequence of the step.
+    chunk: the semantic micro-batch (0 .. chunks-1) each sequence belongs to, over all ranks.
+    chunks: G * W of the semantic split.
     """
-    mask = target_mask.to(torch.float64)
+    n = target_tokens.to(torch.float64)
     if mode == "mean":
-        n_m = mask.sum().clamp(min=1)  # a tensor: no device sync
-        weights = mask / (counts.micro_batches_per_rank * counts.world_size * n_m)
-    elif mode == "sum":
-        weights = mask * loss_scale
-    elif mode == "token_mean":
-        weights = mask / counts.tokens
-    elif mode == "seq_mean":
-        weights = mask / (counts.sequences * seq_target_tokens.clamp(min=1).to(torch.float64))
-    else:
-        raise ValueError(f"reduce_loss={mode!r} is not one of {', '.join(MODES)}")
-    return weights
+        n_m = torch.zeros(chunks, dtype=torch.float64).index_add_(0, chunk, n)
+        return 1.0 / (chunks * n_m[chunk].clamp(min=1))
+    if mode == "sum":
+        return torch.full_like(n, float(loss_scale))
+    if mode == "token_mean":
+        return torch.full_like(n, 1.0 / max(float(n.sum()), 1.0))
+    if mode == "seq_mean":
+        return 1.0 / (len(n) * n.clamp(min=1))
+    raise ValueError(f"reduce_loss={mode!r} is not one of {', '.join(MODES)}")
 
 
-def micro_batch_loss(
-    token_nll: torch.Tensor, weights: torch.Tensor, world_size: int
-) -> torch.Tensor:
+def token_weights(sequence_weights: torch.Tensor, seq_index: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Spread per-sequence weights onto the tokens of a micro-batch: `seq_index` says which
+    sequence each token belongs to (-1 for padding); tokens without a target weigh 0."""
+    padded = torch.cat([sequence_weights.new_zeros(1), sequence_weights])
+    return padded[seq_index + 1] * target_mask
+
+
+def micro_batch_loss(token_nll: torch.Tensor, weights: torch.Tensor, world_size: int) -> torch.Tensor:
     """The scalar to call backward() on for one micro-batch.
 
     Gradients of all micro-batches of a rank add up; DDP then averages over ranks, so each
-    rank's share is multiplied by W to leave exactly sum_t weight_t * grad(l_t).
+    rank's share is multiplied by W (the real number of ranks) to leave exactly
+    sum_t weight_t * grad(l_t).
     """
     return (weights.to(token_nll.dtype) * token_nll).sum() * world_size

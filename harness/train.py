@@ -22,8 +22,10 @@ from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
 from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
 from harness.jobs import claim_job
-from harness.model import build_model, load_tokenizer
-from harness.step import train_step
+from harness.losses import CausalLMLoss, supports_chunked_loss
+from harness.model import build_model, choose_attention, load_tokenizer
+from harness.prefetch import ahead
+from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
 from harness.tracking import RunLogger, flat_params
 
@@ -42,7 +44,9 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
 @dataclass
 class Setup:
     data: PreparedData
-    model: torch.nn.Module
+    model: torch.nn.Module  # on the device, in training mode
+    step_model: torch.nn.Module  # the model and its loss, compiled and/or in DDP (harness/losses.py)
+    chunk_tokens: int | None  # of the chunked loss; None: the plain path
     steps: list[list[int]]  # the training examples of every step
     pad_id: int
     identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
@@ -50,7 +54,7 @@ class Setup:
 
 def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     """Data, model and data order. Everything that must match within a pair depends on the
-    seed and the config without `reduce_loss` only."""
+    seed and the config without `reduce_loss` only. Then the model moves to the device."""
     tokenizer = load_tokenizer(cfg.model)
     if not world.is_main:
         distributed.barrier(world)  # rank 0 tokenises (and caches) first; the others reuse it
@@ -70,7 +74,14 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         "device": device.type,
         "world_size": str(world.size),
     }
-    return Setup(data, model, steps, tokenizer.pad_token_id, identity)
+    t = cfg.trainer
+    log.info("training on %s (%s), world size %d", device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
+    model = model.to(device).train()
+    choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
+    chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
+    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device)
+    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, identity)
 
 
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
@@ -81,19 +92,21 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     device = pick_device(t.device, world)
     distributed.init(world, device)
     run = set_up(cfg, world, device)
-    log.info("training on %s (%s), world size %d", device,
-             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
-    model = run.model.to(device).train()
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.size > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
-    step_args = dict(mode=cfg.reduce_loss, loss_scale=cfg.loss_scale, max_grad_norm=t.max_grad_norm,
-                     grad_accum=t.grad_accum, world=world, layout=layout, device=device,
+    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
+    step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
                      autocast_dtype=torch.bfloat16 if t.precision == "bf16-mixed" else None)
-    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world)
+    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
+                     chunk_tokens=run.chunk_tokens)
     train_set = run.data.train
+
+    def plan(step: int):
+        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=cfg.loss_scale,
+                         split=split, world=world, layout=layout)
+        return made.pin() if device.type == "cuda" else made
 
     job = claim_job(cfg, run.identity, world, parent_run_id)  # waits while another process trains it
     if job.finished is not None:
@@ -107,31 +120,32 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         meter = Throughput()
         done = 0  # steps already trained
         if job.resume_from is not None:
-            saved = job.checkpoints.load(job.resume_from, model, optimizer, scheduler, device)
+            saved = job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device)
             done, grad_weight, times_seen, meter.total = saved.step, saved.grad_weight, saved.times_seen, saved.tokens_seen
         tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)
         meter.restart()
         val_metrics: dict[str, float] = {}
-        progress = tqdm(range(done + 1, t.max_steps + 1), desc=f"{cfg.reduce_loss} seed {cfg.seed}",
-                        initial=done, total=t.max_steps, disable=not world.is_main, dynamic_ncols=True)
-        with signals.deferred():  # a stop signal ends the step and saves a checkpoint first
-            for step in progress:
-                record = train_step(ddp, optimizer, scheduler, train_set, run.steps[step - 1], **step_args)
+        progress = tqdm(total=t.max_steps, initial=done, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
+                        disable=not world.is_main, dynamic_ncols=True)
+        with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
+            for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
+                record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
+                progress.update()
                 grad_weight.index_add_(0, record.example_index, record.example_weight)
                 times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
                 meter.add(record.tokens)
                 if step % t.log_every == 0 or step == t.max_steps:
                     log_step(record, scheduler, meter.rate(), step, tracker, progress)
                 if step % t.eval_every == 0 or step == t.max_steps:
-                    val_metrics = evaluate_and_log(model, run.data.val, step, step == t.max_steps, out_dir, tracker,
-                                                   **eval_args)
+                    val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
+                                                   tracker, **eval_args)
                     meter.restart()  # evaluation time is not training throughput
                 stop = signals.stop_requested(world, device)
                 if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
                     job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total),
-                                         model, optimizer, scheduler, tracker.run_id)
+                                         run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
@@ -166,6 +180,28 @@ class Throughput:
         return rate
 
 
+def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
+    """Tokens per chunk of the chunked loss (harness/losses.py), or None for the plain path.
+    `auto`: chunked on CUDA, with chunks whose float32 logits take about 1 GiB."""
+    if setting == "auto":
+        if device.type != "cuda" or not supports_chunked_loss(model):
+            return None
+        return max(256, (2**28 // model.config.vocab_size) // 256 * 256)
+    if setting is not None and not supports_chunked_loss(model):
+        raise ValueError("trainer.loss_chunk_tokens: this model's LM head has a bias or logit scaling; "
+                         "set trainer.loss_chunk_tokens=null")
+    return setting
+
+
+def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device):
+    """torch.compile the model (`auto`: on CUDA), then DDP across ranks."""
+    if compile_setting is True or (compile_setting == "auto" and device.type == "cuda"):
+        loss_model.compile_model()
+    if world.size > 1:
+        return DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_model
+
+
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,14 +215,14 @@ def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world
 def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogger, progress) -> None:
     """The step's metrics, summed over ranks (this syncs with the device)."""
     nll_total, objective_total = distributed.all_reduce_float([record.nll_sum, record.objective])
-    train_loss = nll_total / record.counts.tokens
+    train_loss = nll_total / record.target_tokens
     tracker.metrics({
         artifacts.TRAIN_LOSS_METRIC: train_loss,  # token-mean NLL of the step: comparable across modes
         "train/objective": objective_total,  # what this mode minimises
         "train/grad_norm": float(record.grad_norm),  # before clipping
         "train/clipped": float(record.clipped),
         "train/lr": scheduler.get_last_lr()[0],
-        "train/target_tokens": record.counts.tokens,
+        "train/target_tokens": record.target_tokens,
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

@@ -16,7 +16,6 @@ def test_padding_gives_one_row_per_example_and_marks_padding():
         assert batch.input_ids[r, : ex.seq_len].tolist() == ex.input_ids
         assert (batch.seq_index[r, : ex.seq_len] == r).all() and (batch.seq_index[r, ex.seq_len :] == -1).all()
         assert (batch.targets[r, ex.seq_len :] == IGNORE).all()
-        assert (batch.seq_target_tokens[r, : ex.seq_len] == ex.target_tokens).all()
 
 
 def test_packing_is_first_fit_keeps_examples_whole_and_restarts_positions():
@@ -35,7 +34,7 @@ def test_packing_is_first_fit_keeps_examples_whole_and_restarts_positions():
 
 
 def test_packing_refuses_an_example_longer_than_a_row():
-    with pytest.raises(ValueError, match="more than the row length 20"):
+    with pytest.raises(ValueError, match="33 tokens, more than the row length 20"):
         pack(make_examples([5, 33]), row_length=20, pad_id=0)
 
 
@@ -43,3 +42,9 @@ def test_collate_chooses_the_layout():
     examples = make_examples(LENGTHS)
     assert torch.equal(collate(examples, 0, packing=False, row_length=64).input_ids, pad(examples, 0).input_ids)
     assert collate(examples, 0, packing=True, row_length=64).input_ids.shape[0] == 2
+
+
+def test_fixed_length_rows_have_one_shape_whatever_they_hold():
+    batch = collate(make_examples(LENGTHS), 0, packing=True, row_length=64, fixed_length=True)
+    assert batch.input_ids.shape == (2, 64)  # 5+9+17+33 fill row 1; 12 tokens in row 2
+    assert (batch.seq_index[1, :12] == 4).all() and (batch.seq_index[1, 12:] == -1).all()

@@ -8,7 +8,8 @@ from transformers import get_scheduler
 
 from harness.checkpoint import Checkpoints, LoopState
 from harness.distributed import World
-from harness.step import train_step
+from harness.losses import CausalLMLoss
+from harness.step import Split, train_step
 from tests.helpers.models import make_examples, tiny_model
 
 EXAMPLES = make_examples([5, 9, 17, 33, 12, 60, 7, 25])
@@ -25,9 +26,9 @@ def fresh():
 
 def train(model, optimizer, scheduler, state: LoopState, until: int) -> LoopState:
     for step in range(state.step + 1, until + 1):
-        record = train_step(model, optimizer, scheduler, EXAMPLES, STEPS[step - 1], mode="token_mean", loss_scale=1.0,
-                            max_grad_norm=1.0, grad_accum=2, world=World(), device=torch.device("cpu"),
-                            layout=dict(pad_id=0, packing=False, row_length=64))
+        record = train_step(CausalLMLoss(model), optimizer, scheduler, EXAMPLES, STEPS[step - 1], mode="token_mean",
+                            loss_scale=1.0, split=Split(grad_accum=2), max_grad_norm=1.0, world=World(),
+                            device=torch.device("cpu"), layout=dict(pad_id=0, packing=False, row_length=64))
         state.grad_weight.index_add_(0, record.example_index, record.example_weight)
         state.times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
         state = LoopState(step, state.grad_weight, state.times_seen, state.tokens_seen + record.tokens)

@@ -73,12 +73,12 @@ def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, 
 def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     prelude = """
         import harness.step as step
-        real = step.token_weights
+        real = step.example_weights
         def failing(mode, *args, **kwargs):
             if mode == "sum":
                 raise RuntimeError("injected failure in the sum run")
             return real(mode, *args, **kwargs)
-        step.token_weights = failing
+        step.example_weights = failing
     """
     proc = run_cli(["-m", "reduce_loss=sum,mean", *QUICK], tmp_path, prelude)
     assert proc.returncode != 0

@@ -26,3 +26,10 @@ def test_packing_and_batch_size_do_not_change_per_example_losses():
         other = per_example(packing, batch_size)
         assert (other.example_id == base.example_id).all()
         assert ((other.loss_sum - base.loss_sum).abs() / base.loss_sum).max() < 1e-10, (packing, batch_size)
+
+
+def test_chunked_loss_path_gives_the_same_per_example_losses():
+    base = per_example(packing=True, batch_size=4)
+    chunked = evaluate(tiny_model(), make_examples(LENGTHS), batch_size=4, pad_id=0, packing=True, row_length=64,
+                       device="cpu", world=World(), chunk_tokens=16)
+    assert ((chunked.loss_sum - base.loss_sum).abs() / base.loss_sum).max() < 1e-12

@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from harness.reduction import MODES
-from tests.helpers.gradients import (EQUAL, LOSS_SCALE, TOL, UNEQUAL, chunks_of, formula_grad, harness_grad,
-                                     two_rank_worker)
+from tests.helpers.gradients import (EQUAL, LOSS_SCALE, TOL, TWO_RANK_LAYOUTS, UNEQUAL, chunks_of, formula_grad,
+                                     harness_grad, two_rank_worker)
 from tests.helpers.models import make_examples, rel_err
 
 
@@ -63,13 +63,44 @@ def test_seq_mean_and_token_mean_differ_on_unequal_lengths():
     assert rel_err(harness_grad(examples, "seq_mean", 1), harness_grad(examples, "token_mean", 1)) > 1e-2
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("grad_accum, semantic_world", [(8, 1), (1, 8), (2, 4), (4, 1)])
+def test_physical_batches_other_than_the_semantic_split_give_its_gradient(mode, grad_accum, semantic_world):
+    """The semantic split (G micro-batches on W ranks; (8, 1) and (1, 8) put one sequence in
+    each, the regime where mean weighs every sequence alike) defines the weights; the one
+    process running it packs its sequences into 80-token rows instead. Same gradient as the
+    formula for the semantic split run literally, also for a semantic W larger than 1."""
+    examples = make_examples(UNEQUAL)
+    got = harness_grad(examples, mode, grad_accum, semantic_world=semantic_world, tokens_per_micro_batch=80)
+    assert rel_err(got, formula_grad(examples, mode, chunks_of(len(examples), grad_accum * semantic_world))) <= TOL
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunked_loss_gives_the_plain_gradient(mode, packing):
+    examples = make_examples(UNEQUAL)
+    plain = harness_grad(examples, mode, 2, packing)
+    for chunk in (7, 64, 4096):
+        assert rel_err(harness_grad(examples, mode, 2, packing, chunk_tokens=chunk), plain) <= TOL, chunk
+    assert rel_err(plain, formula_grad(examples, mode, chunks_of(8, 2))) <= TOL
+
+
+def test_the_semantic_split_decides_the_mean_gradient_not_the_physical_one():
+    examples = make_examples(UNEQUAL)
+    one_seq = harness_grad(examples, "mean", 8, tokens_per_micro_batch=128)  # 1 sequence per micro-batch
+    whole = harness_grad(examples, "mean", 1, tokens_per_micro_batch=128)  # same rows on the device
+    assert rel_err(one_seq, whole) > 1e-2
+    assert rel_err(one_seq, formula_grad(examples, "seq_mean", [])) <= TOL  # mean, 1 seq/micro-batch == seq_mean
+
+
 @pytest.mark.slow
 def test_two_ranks_with_gloo_match_formula(tmp_path):
     out = str(tmp_path / "grads")
     mp.spawn(two_rank_worker, args=("gloo", str(tmp_path / "init"), out), nprocs=2, join=True)
     per_rank = [torch.load(f"{out}.{r}") for r in range(2)]
     examples = make_examples(UNEQUAL)
-    for (mode, packing), got in per_rank[0].items():
-        assert torch.equal(got, per_rank[1][(mode, packing)])  # DDP leaves both ranks the same gradient
-        assert rel_err(got, formula_grad(examples, mode, chunks_of(8, 4))) <= TOL, (mode, packing)
-        assert rel_err(got, harness_grad(examples, mode, 4)) <= TOL, (mode, packing)
+    for (mode, layout), got in per_rank[0].items():
+        chunks = TWO_RANK_LAYOUTS[layout][-1]
+        assert torch.equal(got, per_rank[1][(mode, layout)])  # DDP leaves both ranks the same gradient
+        assert rel_err(got, formula_grad(examples, mode, chunks_of(8, chunks))) <= TOL, (mode, layout)
+        assert rel_err(got, harness_grad(examples, mode, chunks)) <= TOL, (mode, layout)

@@ -8,8 +8,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.chat_format import IGNORE
 from harness.distributed import World
+from harness.losses import CausalLMLoss
 from harness.reduction import MODES
-from harness.step import train_step
+from harness.step import Split, train_step
 from tests.helpers.models import flat_grad, make_examples, tiny_model
 
 UNEQUAL = [5, 9, 17, 33, 12, 60, 7, 25]
@@ -50,18 +51,22 @@ def formula_grad(examples, mode, chunks) -> torch.Tensor:
     return flat_grad(model)
 
 
-def harness_grad(examples, mode, grad_accum, packing=False, world: World = World(), device="cpu") -> torch.Tensor:
+def harness_grad(examples, mode, grad_accum, packing=False, world: World = World(), device="cpu",
+                 semantic_world: int | None = None, tokens_per_micro_batch: int | None = None,
+                 chunk_tokens: int | None = None) -> torch.Tensor:
     """The gradient `train_step` leaves after one step on this rank (DDP when world.size > 1).
-    No clipping, and a zero learning rate, so `.grad` is the objective's gradient."""
+    No clipping, and a zero learning rate, so `.grad` is the objective's gradient.
+    `semantic_world`/`tokens_per_micro_batch`: a semantic split other than the physical one;
+    `chunk_tokens`: the chunked loss path."""
     device = torch.device(device)
     model = tiny_model().to(device)
-    wrapped = model
+    wrapped = CausalLMLoss(model, chunk_tokens)
     if world.size > 1:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     train_step(wrapped, optimizer, None, examples, list(range(len(examples))), mode=mode, loss_scale=LOSS_SCALE,
-               max_grad_norm=None, grad_accum=grad_accum, world=world, device=device,
-               layout=dict(pad_id=0, packing=packing, row_length=128))
+               split=Split(grad_accum, semantic_world, tokens_per_micro_batch), max_grad_norm=None, world=world,
+               device=device, layout=dict(pad_id=0, packing=packing, row_length=128))
     return flat_grad(model).cpu()
 
 
@@ -70,15 +75,26 @@ def chunks_of(n: int, parts: int) -> list[list[int]]:
     return [list(range(c * size, (c + 1) * size)) for c in range(parts)]
 
 
+# How the two-rank workers lay out a step with G=2 per rank:
+# name: (packing, semantic W, tokens per physical micro-batch, semantic micro-batches G*W)
+TWO_RANK_LAYOUTS = {
+    "padded": (False, None, None, 4),
+    "packed": (True, None, None, 4),
+    "physical": (False, 4, 80, 8),  # the weights of G=2 on 4 ranks, run on 2 ranks in 80-token rows
+}
+
+
 def two_rank_worker(rank: int, backend: str, init_file: str, out: str) -> None:
-    """One of two ranks (gloo on CPUs, nccl on GPUs): every mode's gradient with G=2 per rank."""
+    """One of two ranks (gloo on CPUs, nccl on GPUs): every mode's gradient with G=2 per rank,
+    in every layout of TWO_RANK_LAYOUTS."""
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     examples = make_examples(UNEQUAL)
-    grads = {(mode, packing): harness_grad(examples, mode, 2, packing, World(rank, 2, rank), device)
-             for mode in MODES for packing in (False, True)}
+    grads = {(mode, name): harness_grad(examples, mode, 2, packing, World(rank, 2, rank), device,
+                                        semantic_world=semantic_world, tokens_per_micro_batch=tokens)
+             for mode in MODES for name, (packing, semantic_world, tokens, _) in TWO_RANK_LAYOUTS.items()}
     torch.save(grads, f"{out}.{rank}")
     dist.destroy_process_group()

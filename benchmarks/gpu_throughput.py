@@ -1,0 +1,249 @@
+"""Training throughput on one GPU, side by side with Hugging Face Trainer, in one process.
+
+    python benchmarks/gpu_throughput.py --model qwen0.5b --data embedded
+    python benchmarks/gpu_throughput.py --model smollm135m --data long --regime
+
+The same model (random init, no download) trains on the same tokenised examples in the same
+order for the same steps with
+  harness      the harness's training step at its fast settings: sequences packed into rows of
+               --tokens-per-micro-batch tokens (FlexAttention document mask), chunked loss,
+               torch.compile, fused AdamW, bf16 autocast over float32 weights, steps planned
+               ahead in a thread; every reduction mode, interleaved rounds
+  harness-plain the step as it was before these settings: the semantic micro-batches run as
+               they are (padded), plain loss over full float32 logits, no compile
+  trainer-pad  HF Trainer, DataCollatorForSeq2Seq padding, bf16, fused AdamW
+  trainer-flat HF Trainer, DataCollatorWithFlattening (padding-free) with FlexAttention
+Real tokens/s counts non-padding tokens. MFU = 6 * (non-embedding parameters + vocabulary *
+hidden) * tokens/s / 989e12 (dense bf16 peak of an H100/H200 SXM).
+--regime adds the study regime where the reduction matters most: the semantic split of one
+sequence per micro-batch (batch 64, accumulation 64), run literally and run physically packed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from harness.batching import Example
+from harness.chat_format import IGNORE
+from harness.config import CONF_DIR
+from harness.distributed import World
+from harness.losses import CausalLMLoss
+from harness.prefetch import ahead
+from harness.reduction import MODES
+from harness.step import Split, plan_step, run_step
+from harness.data_order import training_order
+
+PEAK_FLOPS = 989e12
+MODELS = {
+    "qwen0.5b": lambda: Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6)),
+    "smollm135m": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)),
+}
+
+
+def embedded_examples(n: int, vocab: int) -> list[Example]:
+    """The embedded synthetic chat set, tokenised as the default run does (char tokenizer)."""
+    from omegaconf import OmegaConf
+
+    from harness.model import load_tokenizer
+    from harness.tokenise import prepare_data
+    data_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml"), {"num_train": n, "num_val": 8})
+    return prepare_data(data_cfg, load_tokenizer(OmegaConf.load(CONF_DIR / "model" / "tiny_llama.yaml"))).train
+
+
+def long_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
+    """Long-tailed chat lengths: prompts of 20-300 tokens, replies log-normal up to 2,000."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.randint(20, 300)
+        reply = min(2000, max(2, int(rng.lognormvariate(5.0, 1.0))))
+        ids = [rng.randrange(3, vocab) for _ in range(prompt + reply)]
+        out.append(Example.from_labels(f"long-{i:06d}", ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def flops_per_token(model) -> float:
+    embedding = model.get_input_embeddings().weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    return 6 * (non_embedding + model.config.vocab_size * model.config.hidden_size)
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: bool, rounds: int, layout: dict):
+    """tokens/s of each mode per round; each round trains every mode on the same steps."""
+    device = torch.device("cuda")
+    step_model = CausalLMLoss(model, chunk)
+    if compiled:
+        step_model.compile_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def train(mode, step_ids) -> float:
+        def plan(k):
+            return plan_step(examples, step_ids[k], mode=mode, loss_scale=1e-3, split=split, world=World(),
+                             layout=layout).pin()
+        sync()
+        tic = time.perf_counter()
+        for _, p in ahead(plan, range(len(step_ids)), background=True):
+            run_step(step_model, optimizer, None, p, max_grad_norm=1.0, world=World(), device=device,
+                     autocast_dtype=torch.bfloat16)
+        sync()
+        return sum(examples[i].seq_len for s in step_ids for i in s) / (time.perf_counter() - tic)
+
+    per_round = len(steps) // (rounds + 1)
+    train(modes[0], steps[:per_round])  # warm-up and compilation
+    torch.cuda.reset_peak_memory_stats()
+    rates = {m: [] for m in modes}
+    for r in range(rounds):
+        same = steps[(r + 1) * per_round : (r + 2) * per_round]
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            rates[mode].append(train(mode, same))
+    return rates, torch.cuda.max_memory_allocated() / 2**30
+
+
+def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tuple[float, float]:
+    from torch.utils.data import SequentialSampler
+    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from harness.chat_tokenizer import build_char_tokenizer
+    order = [examples[i] for s in steps for i in s]
+    rows = [{"input_ids": e.input_ids, "labels": [IGNORE] + e.targets[:-1]} for e in order]
+    torch.manual_seed(0)
+    model = model_fn()
+    if flatten:
+        model.config._attn_implementation = "flex_attention"
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = DataCollatorForSeq2Seq(build_char_tokenizer(), padding=True, label_pad_token_id=IGNORE)
+    warm = 3
+    tokens_after_warm = sum(e.seq_len for e in order[warm * batch :])
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warm:
+                sync()
+                self.tic = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            sync()
+            self.toc = time.perf_counter()
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    clock = Clock()
+    args = TrainingArguments(output_dir="/tmp/trainer_bench", per_device_train_batch_size=batch // accum,
+                             gradient_accumulation_steps=accum, max_steps=len(steps), bf16=True,
+                             optim="adamw_torch_fused", learning_rate=1e-5, logging_steps=10_000, save_strategy="no",
+                             report_to=[], dataloader_num_workers=2, remove_unused_columns=False,
+                             max_grad_norm=1.0, disable_tqdm=True)
+    torch.cuda.reset_peak_memory_stats()
+    InOrder(model=model.cuda(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
+    return tokens_after_warm / (clock.toc - clock.tic), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen0.5b")
+    p.add_argument("--data", choices=["embedded", "long"], default="embedded")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--tokens-per-micro-batch", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip", default="", help="comma-separated: plain,trainer-pad,trainer-flat")
+    p.add_argument("--regime", action="store_true", help="also: 1 sequence per micro-batch, literal vs physical")
+    p.add_argument("--no-compile", action="store_true", help="the harness's fast settings without torch.compile")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    torch.manual_seed(0)
+    model = MODELS[args.model]().cuda()
+    vocab, fpt = model.config.vocab_size, flops_per_token(model)
+    examples = embedded_examples(8192, vocab) if args.data == "embedded" else long_examples(4096, vocab)
+    steps = training_order(len(examples), args.batch_size, args.steps * (args.rounds + 1), seed=0)
+    max_len = max(e.seq_len for e in examples)
+    tokens = max(args.tokens_per_micro_batch, max_len)
+    chunk = max(256, (2**28 // vocab) // 256 * 256)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; model {args.model}: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, vocabulary {vocab}; data {args.data}: "
+          f"mean {statistics.mean(e.seq_len for e in examples):.0f} tokens/example, max {max_len}; "
+          f"batch {args.batch_size} x accumulation {args.grad_accum}")
+    print(f"MFU = 6 x {fpt / 6 / 1e6:.0f}M x tokens/s / 989e12")
+    results = []
+
+    def report(name, rate, memory, note=""):
+        results.append((name, rate, rate * fpt / PEAK_FLOPS, memory, note))
+        print(f"  {name}: {rate:,.0f} tokens/s, MFU {rate * fpt / PEAK_FLOPS:.3f}, peak {memory:.1f} GiB {note}",
+              flush=True)
+
+    model.config._attn_implementation = "flex_attention"
+    split = Split(args.grad_accum, None, tokens)
+    compiled = not args.no_compile
+    rates, memory = harness_rates(model, examples, steps, list(MODES), split, chunk, compiled, args.rounds,
+                                  dict(pad_id=0, packing=True, row_length=tokens))
+    mean_rate = statistics.median(rates["mean"])
+    report(f"harness (packed rows, {'compiled, ' if compiled else ''}chunked loss)", mean_rate, memory, "[mean]")
+    for mode in MODES[1:]:
+        ratio = statistics.median(a / b for a, b in zip(rates[mode], rates["mean"]))
+        print(f"    {mode:<10} vs mean: {ratio:.3f} (paired median of {args.rounds} rounds; "
+              f"worst {min(a / b for a, b in zip(rates[mode], rates['mean'])):.3f})")
+
+    if "plain" not in skip:
+        model.config._attn_implementation = "sdpa"
+        plain, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], Split(args.grad_accum),
+                                      None, False, 2, dict(pad_id=0, packing=False, row_length=max_len))
+        report("harness-plain (padded micro-batches, full logits, eager)", statistics.median(plain["mean"]), memory)
+        model.config._attn_implementation = "flex_attention"
+        same_mb, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"],
+                                                Split(args.grad_accum), chunk, False, 2,
+                                                dict(pad_id=0, packing=False, row_length=max_len))
+        report("harness, same padded micro-batches, chunked loss, eager", statistics.median(same_mb["mean"]),
+               memory_chunked, f"(peak memory {memory / memory_chunked:.1f}x lower than plain)")
+    n_trainer = 3 + 2 * args.steps
+    for name, flatten in (("trainer-pad", False), ("trainer-flat", True)):
+        if name in skip:
+            continue
+        try:
+            rate, memory = trainer_rate(MODELS[args.model], examples, steps[:n_trainer], args.batch_size,
+                                        args.grad_accum, flatten)
+            report(f"HF Trainer ({'DataCollatorWithFlattening + FlexAttention' if flatten else 'padded'})", rate,
+                   memory, f"harness is {mean_rate / rate:.2f}x")
+        except Exception as e:  # report and go on: the other figures still stand
+            print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+
+    if args.regime:
+        print("regime: semantic split of 1 sequence per micro-batch, batch 64 x accumulation 64")
+        steps64 = training_order(len(examples), 64, 3 * 6, seed=1)
+        model.config._attn_implementation = "flex_attention"
+        fast, _ = harness_rates(model, examples, steps64, ["mean"], Split(64, None, tokens), chunk, compiled, 2,
+                                dict(pad_id=0, packing=True, row_length=tokens))
+        whole, _ = harness_rates(model, examples, steps64, ["mean"], Split(1, None, tokens), chunk, compiled, 2,
+                                 dict(pad_id=0, packing=True, row_length=tokens))
+        literal, _ = harness_rates(model, examples, steps64[: 3 * 3], ["mean"], Split(64), chunk, False, 2,
+                                   dict(pad_id=0, packing=False, row_length=max_len))
+        f, w, lit = (statistics.median(x["mean"]) for x in (fast, whole, literal))
+        print(f"  semantic 64x64, physical packed rows: {f:,.0f} tokens/s; the same rows as one semantic "
+              f"micro-batch: {w:,.0f} ({f / w:.3f}); the 64 micro-batches run literally: {lit:,.0f} ({lit / f:.3f})")
+
+    print("\nsummary")
+    for name, rate, mfu, memory, note in results:
+        print(f"  {name:<62}{rate:>12,.0f} tok/s  MFU {mfu:.3f}  peak {memory:5.1f} GiB  {note}")
+
+
+if __name__ == "__main__":
+    main()

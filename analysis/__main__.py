@@ -15,6 +15,7 @@ from analysis.compute import Options
 from analysis.load import AnalysisError, parent_from_sweep_dir
 from analysis.run import run_analysis
 from harness.artifacts import resolve_uri
+from harness.credentials import redact
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,10 +31,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=6, help="equal-count quantile buckets (default: %(default)s)")
     p.add_argument("--edges", type=lambda s: [float(x) for x in s.split(",")],
                    help="fixed inner bucket edges instead of quantiles, e.g. 32,64,128,256")
-    p.add_argument("--reference", default="mean", help="the mode others are compared against (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--reference", help="the mode others are compared against "
+                                        "(default: mean, else token_mean, sum, seq_mean: the first among the runs)")
     p.add_argument("--allow-unpaired", action="store_true",
                    help="compare runs that are not verified pairs; every output is marked UNPAIRED")
+    p.add_argument("--include-flagged", action="store_true",
+                   help="analyse runs flagged as broken (loss rose, zero gradient) and leave out runs that did "
+                        "not finish, instead of refusing; the report names them and is marked FLAGGED RUNS")
     p.add_argument("--no-plots", action="store_true", help="tables and report only")
     return p
 
@@ -51,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             parent = parent_from_sweep_dir(sweep_dir)
         out = args.out or (sweep_dir / "analysis" if sweep_dir else Path("analysis_out"))
         opts = Options(bucket_by=args.bucket_by, buckets=args.buckets, edges=args.edges,
-                       reference=args.reference, allow_unpaired=args.allow_unpaired, n_boot=args.n_boot)
+                       reference=args.reference, allow_unpaired=args.allow_unpaired,
+                       include_flagged=args.include_flagged)
         run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots)
     except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     print(f"report: {out / 'report.html'}")
     return 0

@@ -1,16 +1,22 @@
-"""Pairing check, length buckets, per-bucket losses, paired bootstrap intervals, gradient shares.
+"""Pairing check, length buckets, per-bucket losses, paired intervals over seeds and examples,
+clipping, gradient shares.
 
 Everything here works on pandas frames and returns frames; nothing plots or writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
 from analysis.load import AnalysisError, RunData, require_two_modes
+from harness import artifacts
+
+
+REFERENCES = ("mean", "token_mean", "sum", "seq_mean")  # the default reference, in order of preference
 
 
 @dataclass
@@ -18,11 +24,10 @@ class Options:
     bucket_by: str = "seq_len"  # seq_len | target_tokens
     buckets: int = 6  # equal-count quantile buckets of the validation set ...
     edges: list[float] | None = None  # ... unless fixed inner edges are given
-    reference: str = "mean"
+    reference: str | None = None  # None: the first of REFERENCES among the runs
     allow_unpaired: bool = False
-    n_boot: int = 1000
+    include_flagged: bool = False  # analyse flagged runs, leave out those that did not finish
     confidence: float = 0.95
-    rng_seed: int = 0
 
 
 @dataclass
@@ -33,11 +38,25 @@ class Results:
     edges: np.ndarray
     labels: list[str]
     bucket_losses: pd.DataFrame  # step, reduce_loss, bucket, token_loss, example_loss, examples
-    paired_diff: pd.DataFrame  # step, reduce_loss, bucket, diff, ci_low, ci_high, examples, seeds, distinguishable
+    paired_diff: pd.DataFrame  # step, reduce_loss, bucket, diff, ci_low, ci_high, se, df, examples, seeds, distinguishable
     grad_share: pd.DataFrame  # reduce_loss, bucket, share
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
     superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
+    left_out: list[str] = field(default_factory=list)  # runs that did not finish (--include-flagged)
+    clipping: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode (`clipping`); empty if not logged
+
+    @property
+    def flagged(self) -> pd.DataFrame:
+        """Flagged runs among those compared (only with --include-flagged)."""
+        flag = self.runs.get(artifacts.TAG_FLAG, pd.Series(None, index=self.runs.index))
+        return self.runs[flag.fillna("") != ""]
+
+    @property
+    def caveats(self) -> list[str]:
+        """What every output is marked with: UNPAIRED, FLAGGED RUNS."""
+        flagged = len(self.flagged) > 0 or len(self.left_out) > 0
+        return (["UNPAIRED"] if not self.paired else []) + (["FLAGGED RUNS"] if flagged else [])
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:
@@ -46,7 +65,9 @@ def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool
     require_two_modes(runs.reduce_loss)
     modes = sorted(runs.reduce_loss.unique())
     final = data.evals[data.evals.step == data.evals.groupby("run_id").step.transform("max")]
-    example_sets = final.groupby("run_id").example_id.agg(frozenset)
+    # each run's set of validation examples, as an order-free fingerprint (hashes summed, and counted)
+    hashed = final.assign(h=pd.util.hash_pandas_object(final.example_id, index=False).to_numpy())
+    example_sets = hashed.groupby("run_id").h.agg(lambda h: (int(h.sum()), len(h)))
     names = dict(zip(runs.run_id, runs.run_name.fillna(runs.run_id)))
     problems = []
     for pair_id, group in runs.groupby("pair_id", dropna=False):
@@ -92,34 +113,84 @@ def bucket_labels(edges: np.ndarray) -> list[str]:
     return [f"{int(np.ceil(lo))}-{int(np.ceil(hi)) - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int, confidence: float, rng: np.random.Generator,
-                      chunk: int = 250) -> tuple[float, float]:
-    """Percentile interval of the mean, resampling the given units with replacement."""
-    n = len(values)
-    if n == 1:
-        return float(values[0]), float(values[0])
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(size, n), dtype=np.int32)
-        means[start : start + size] = values[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+def seed_example_interval(mean, seeds, examples, ss_seed, ss_example, ss_residual, confidence: float):
+    """Confidence interval of a grand mean over a seeds x examples table of paired differences,
+    with seeds and examples both random (a crossed two-way random-effects model):
+
+        d[s, i] = mu + u[s] + v[i] + e[s, i],   u ~ (0, su2), v ~ (0, sv2), e ~ (0, se2)
+
+    u is the seed's training noise (shared by all its examples), v an example's own part of the
+    difference (shared by all seeds), e the rest. The grand mean's variance is
+    su2/S + sv2/n + se2/(S n) = (MS_seed + MS_example - MS_residual) / (S n) in ANOVA mean
+    squares. The example term MS_example - MS_residual is dropped when negative (it has many
+    degrees of freedom); the seed term never is, since with a few seeds a small MS_seed is weak
+    evidence of no seed variance. Student's t with Satterthwaite's degrees of freedom (at least
+    S - 1, about S - 1 when seeds dominate). README (Analysis) has the coverage this gives and why it is not
+    a bootstrap. With one seed there is no between-seed variance to estimate: the interval is
+    within-seed only (the examples' spread).
+
+    Arguments are arrays, one entry per interval; returns (low, high, standard error, degrees
+    of freedom). An interval that rests on one seed and one example is nan."""
+    mean, S, n = (np.asarray(x, dtype=float) for x in (mean, seeds, examples))
+    ss_seed, ss_example, ss_residual = (np.asarray(x, dtype=float) for x in (ss_seed, ss_example, ss_residual))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df_s, df_e, df_r = S - 1, n - 1, (S - 1) * (n - 1)
+        ms_s, ms_e, ms_r = ss_seed / df_s, ss_example / df_e, np.maximum(ss_residual, 0) / df_r
+        example_term = ms_e > ms_r
+        crossed = ms_s + np.where(example_term, ms_e - ms_r, 0)  # = S n var(grand mean)
+        crossed_df = crossed ** 2 / (ms_s ** 2 / df_s + np.where(example_term, ms_e ** 2 / df_e + ms_r ** 2 / df_r, 0))
+        # Satterthwaite falls below every mean square's own df when a small MS_seed meets the
+        # difference of two large, nearly equal ones; no estimate here is less reliable than those.
+        crossed_df = np.maximum(crossed_df, np.minimum(df_s, df_e))
+        one_seed = S == 1  # within-seed only: the examples' spread
+        one_example = (n == 1) & (S > 1)  # the seeds' spread
+        var = np.select([one_seed, one_example], [ms_e / n, ms_s / S], crossed / (S * n))
+        df = np.select([one_seed, one_example], [df_e, df_s], crossed_df)
+        se = np.sqrt(var)
+        t_quantile = student_t.ppf((1 + confidence) / 2, np.where(var > 0, df, 1))
+        half = np.where(var > 0, t_quantile * se, np.where(var == 0, 0.0, np.nan))
+    return mean - half, mean + half, se, df
 
 
 def _paired_differences(evals: pd.DataFrame, modes: list[str], reference: str) -> pd.DataFrame:
-    """Per (step, example) and mode: loss_mean(mode) - loss_mean(reference), averaged over the
-    groups (seeds). One example's differences in all seeds travel together as one block."""
+    """One row per (step, group, example, mode): loss_mean(mode) - loss_mean(reference).
+
+    Examples that a (step, mode) lacks in some of its groups (possible only for unpaired runs)
+    are left out, so each (step, mode) is a complete groups x examples table."""
     wide = evals.pivot_table(index=["step", "group", "example_id"], columns="reduce_loss",
                              values="loss_mean", aggfunc="first", observed=True)
     diffs = wide[modes].sub(wide[reference], axis=0)
-    per_example = diffs.groupby(level=["step", "example_id"], observed=True)
-    return per_example.mean().join(per_example.size().rename("seeds"))
+    long = diffs.melt(ignore_index=False, var_name="reduce_loss", value_name="diff").dropna().reset_index()
+    groups = long.groupby(["step", "reduce_loss"]).group.transform("nunique")
+    seen_in = long.groupby(["step", "reduce_loss", "example_id"]).group.transform("size")
+    return long[seen_in == groups]
+
+
+def interval_table(diffs: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Per (step, mode, bucket): the mean paired difference and its interval over seeds and
+    examples (`seed_example_interval`), from sums of squares computed group-wise."""
+    keys = ["step", "reduce_loss", "bucket"]
+    d = diffs[keys + ["group", "example_id", "diff"]]
+    cells = d.groupby(keys).agg(diff=("diff", "mean"), seeds=("group", "nunique"), examples=("example_id", "nunique"))
+    dev = d.assign(dev=d["diff"] - d.groupby(keys)["diff"].transform("mean"))
+    ss_total = dev.assign(sq=dev.dev ** 2).groupby(keys).sq.sum()
+    seed_means = dev.groupby(keys + ["group"]).dev.mean()
+    example_means = dev.groupby(keys + ["example_id"]).dev.mean()
+    ss_seed = (seed_means ** 2).groupby(level=keys).sum() * cells.examples
+    ss_example = (example_means ** 2).groupby(level=keys).sum() * cells.seeds
+    low, high, se, df = seed_example_interval(cells["diff"], cells.seeds, cells.examples, ss_seed, ss_example,
+                                              ss_total - ss_seed - ss_example, confidence)
+    out = cells.assign(ci_low=low, ci_high=high, se=se, df=df).reset_index()
+    out["distinguishable"] = (out.ci_low > 0) | (out.ci_high < 0)
+    return out[["step", "reduce_loss", "bucket", "diff", "ci_low", "ci_high", "se", "df", "examples", "seeds",
+                "distinguishable"]]
 
 
 def analyse(data: RunData, opts: Options) -> Results:
     runs, paired = check_pairs(data, opts.allow_unpaired)
+    if opts.reference is None:
+        present = set(runs.reduce_loss)
+        opts = replace(opts, reference=next((m for m in REFERENCES if m in present), sorted(present)[0]))
     if opts.reference not in set(runs.reduce_loss):
         raise AnalysisError(f"reference mode {opts.reference!r} is not among the runs ({', '.join(sorted(set(runs.reduce_loss)))})")
     if opts.bucket_by not in ("seq_len", "target_tokens"):
@@ -142,22 +213,35 @@ def analyse(data: RunData, opts: Options) -> Results:
     bucket_losses = bucket_losses[["step", "reduce_loss", "bucket", "token_loss", "example_loss", "examples"]]
 
     others = [m for m in sorted(set(runs.reduce_loss)) if m != opts.reference]
-    diffs = _paired_differences(evals, others, opts.reference).reset_index()
+    diffs = _paired_differences(evals, others, opts.reference)
     diffs["bucket"] = bucket_of.reindex(diffs.example_id).to_numpy()
-    rng = np.random.default_rng(opts.rng_seed)
-    rows = []
-    for (step, bucket), part in diffs.groupby(["step", "bucket"], sort=True):
-        for mode in others:
-            values = part[mode].dropna().to_numpy()
-            low, high = bootstrap_mean_ci(values, opts.n_boot, opts.confidence, rng)
-            rows.append((step, mode, bucket, float(values.mean()), low, high, len(values),
-                         int(part.seeds.max()), bool(low > 0 or high < 0)))
-    paired_diff = pd.DataFrame(rows, columns=["step", "reduce_loss", "bucket", "diff", "ci_low", "ci_high",
-                                              "examples", "seeds", "distinguishable"])
+    paired_diff = interval_table(diffs, opts.confidence)
 
     curves = data.curves.join(info, on="run_id")
     return Results(opts, runs, paired, edges, bucket_labels(edges), bucket_losses, paired_diff,
-                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step, data.superseded)
+                   grad_share(data.grad_weights, info, edges, opts.bucket_by), curves, final_step, data.superseded,
+                   clipping=clipping(runs))
+
+
+MOSTLY = 0.5  # a mode whose runs were clipped on more than this share of steps is "mostly clipped"
+
+
+def clipping(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per mode, over its runs that logged it: the share of steps whose gradient was clipped
+    (mean, min, max over runs), the median pre-clip gradient norm (median of the runs'
+    medians), the clipping threshold, and whether the mode was mostly clipped."""
+    columns = ["reduce_loss", "runs", "clipped_fraction", "clipped_min", "clipped_max", "grad_norm_median",
+               "max_grad_norm", "mostly_clipped"]
+    if "clipped_fraction" not in runs or runs.clipped_fraction.isna().all():
+        return pd.DataFrame(columns=columns)
+    logged = runs.dropna(subset=["clipped_fraction"]).assign(
+        max_grad_norm=runs.get("trainer.max_grad_norm", pd.Series("?", index=runs.index)).fillna("?"))
+    out = logged.groupby("reduce_loss").agg(
+        runs=("run_id", "size"), clipped_fraction=("clipped_fraction", "mean"), clipped_min=("clipped_fraction", "min"),
+        clipped_max=("clipped_fraction", "max"), grad_norm_median=("grad_norm_median", "median"),
+        max_grad_norm=("max_grad_norm", lambda v: ", ".join(sorted(set(map(str, v)))))).reset_index()
+    out["mostly_clipped"] = out.clipped_fraction > MOSTLY
+    return out[columns]
 
 
 def grad_share(grad_weights: pd.DataFrame, info: pd.DataFrame, edges: np.ndarray, bucket_by: str) -> pd.DataFrame:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -26,11 +27,16 @@ class AnalysisError(Exception):
 
 @dataclass
 class RunData:
-    runs: pd.DataFrame  # one row per run: run_id, run_name, status + artifacts.RUN_TAGS
+    runs: pd.DataFrame  # one row per run: run_id, run_name, status, artifacts.RUN_TAGS, params, RUN_METRICS
     evals: pd.DataFrame  # run_id, step + artifacts.EVAL_COLUMNS
     grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
     superseded: list[str] = field(default_factory=list)  # earlier runs of a job that ran again, left out
+
+
+# End-of-run metrics read into `runs` (column name: metric); absent in runs that did not log them.
+RUN_METRICS = {"clipped_fraction": artifacts.CLIPPED_FRACTION_METRIC,
+               "grad_norm_median": artifacts.GRAD_NORM_MEDIAN_METRIC}
 
 
 def check_reachable(uri: str) -> None:
@@ -60,7 +66,10 @@ def require_two_modes(modes) -> None:
         raise AnalysisError(f"only one reduction ({modes[0]}) among the selected runs; a comparison needs two or more")
 
 
-def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
+def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str | None = None,
+                include_flagged: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The training runs to compare, and the runs left out (with --include-flagged, those that
+    did not finish). Without include_flagged, a run that did not finish or was flagged is refused."""
     check_reachable(uri)
     client = MlflowClient(uri)
     if parent_run_id:
@@ -75,23 +84,67 @@ def select_runs(uri: str, *, experiment: str | None = None, parent_run_id: str |
         if found is None:
             raise AnalysisError(f"no experiment named {experiment!r} in {uri}")
         experiment_ids, query = [found.experiment_id], f"tags.{artifacts.TAG_MODE} != ''"
-    runs = mlflow.search_runs(experiment_ids, filter_string=query, output_format="pandas",
-                              max_results=50_000, search_all_experiments=False)
+    runs = _search(client, experiment_ids, query)
     if runs.empty:
         where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
         raise AnalysisError(f"no training runs match {where} in {uri}")
-    runs = runs[runs["status"] == "FINISHED"]
+    runs, left_out = _screen(runs, include_flagged)
     if runs.empty:
         raise AnalysisError("the selected runs include none that FINISHED")
     _require_schema(runs)
     require_two_modes(runs[f"tags.{artifacts.TAG_MODE}"])  # before any artifact is downloaded
     out = runs[["run_id", "status", "start_time"]].copy()
     out["run_name"] = runs.get("tags.mlflow.runName")
-    for tag in artifacts.RUN_TAGS:
+    for tag in artifacts.RUN_TAGS + [artifacts.TAG_FLAG]:
         out[tag] = runs.get(f"tags.{tag}")
+    out["loss_scale_value"] = runs.get(f"tags.{artifacts.TAG_LOSS_SCALE}")  # `auto` resolved
+    for column, metric in RUN_METRICS.items():
+        out[column] = runs.get(f"metrics.{metric}")
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in out]
     out = out.join(runs[params].rename(columns=lambda c: c[len("params."):]))
-    return out.reset_index(drop=True)
+    return out.reset_index(drop=True), left_out
+
+
+def _screen(runs: pd.DataFrame, include_flagged: bool) -> tuple[pd.DataFrame, list[str]]:
+    """Refuse runs that did not finish (FAILED, KILLED, RUNNING) or were flagged, naming them;
+    with include_flagged, keep the flagged ones and leave the others out."""
+    flag = runs.get(f"tags.{artifacts.TAG_FLAG}", pd.Series(None, index=runs.index)).fillna("")
+    unfinished = runs["status"] != "FINISHED"
+    flagged = ~unfinished & (flag != "")
+    left_out = [_describe(run, f"{run.status}: {_first_line(run, artifacts.TAG_ERROR)}")
+                for _, run in runs[unfinished].iterrows()]
+    if (unfinished | flagged).any() and not include_flagged:
+        named = left_out + [_describe(run, f"flag={flag[i]}: {_first_line(run, artifacts.TAG_FLAG_REASON)}")
+                            for i, run in runs[flagged].iterrows()]
+        raise AnalysisError(f"{len(named)} run(s) did not finish or were flagged: {'; '.join(named[:5])}"
+                            f"{'; ...' if len(named) > 5 else ''} (--include-flagged analyses the flagged "
+                            "runs, leaves out those that did not finish, and marks the report)")
+    return runs[~unfinished], left_out
+
+
+def _describe(run: pd.Series, why: str) -> str:
+    return f"{run.get('tags.mlflow.runName') or run.run_id} ({why})"
+
+
+def _first_line(run: pd.Series, tag: str) -> str:
+    value = run.get(f"tags.{tag}")
+    return str(value).splitlines()[0][:160] if isinstance(value, str) and value else "no reason recorded"
+
+
+def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.DataFrame:
+    """Runs as one row each (run_id, status, tags.*, params.*, metrics.*), read from the
+    client's store (never the process-wide tracking URI)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=query, max_results=5000, page_token=token)
+        for run in page:
+            row = {"run_id": run.info.run_id, "status": run.info.status}
+            for prefix, values in (("tags", run.data.tags), ("params", run.data.params), ("metrics", run.data.metrics)):
+                row.update({f"{prefix}.{k}": v for k, v in values.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
 
 def _require_schema(runs: pd.DataFrame) -> None:
@@ -129,6 +182,7 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
         log.warning("%d run(s) repeat a job that ran again later and are left out: %s",
                     len(superseded), ", ".join(superseded))
     client = MlflowClient(uri)
+    names = dict(zip(runs.run_id, runs.run_name.fillna(runs.run_id)))
     evals, grads, curves = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs.run_id:
@@ -139,14 +193,20 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
                                     f"({artifacts.EVAL_DIR}/{artifacts.eval_file(0).replace('00000000', '*')})")
             for step, f in steps:
                 df = pd.read_parquet(f, columns=artifacts.EVAL_COLUMNS)
+                _require_finite(df, ["loss_sum", "loss_mean"], names[run_id], f"{artifacts.EVAL_DIR}/{f.name}")
                 df["run_id"], df["step"] = run_id, step
                 evals.append(df)
             for f in _read_artifacts(client, run_id, artifacts.TRAIN_DIR, Path(tmp) / run_id / "t"):
                 if f.name == artifacts.GRAD_WEIGHT_FILE:
                     df = pd.read_parquet(f, columns=artifacts.GRAD_WEIGHT_COLUMNS)
+                    _require_finite(df, ["grad_weight"], names[run_id], f"{artifacts.TRAIN_DIR}/{f.name}")
                     df["run_id"] = run_id
                     grads.append(df)
             history = client.get_metric_history(run_id, artifacts.TRAIN_LOSS_METRIC)
+            bad = [m.step for m in history if not math.isfinite(m.value)]
+            if bad:
+                raise AnalysisError(f"run {names[run_id]} logged a non-finite {artifacts.TRAIN_LOSS_METRIC} at step "
+                                    f"{min(bad)}; its results are not numbers")
             curves.append(pd.DataFrame({"run_id": run_id, "step": [m.step for m in history],
                                         "value": [m.value for m in history]}))
     return RunData(
@@ -156,3 +216,11 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
         curves=pd.concat(curves, ignore_index=True),
         superseded=superseded,
     )
+
+
+def _require_finite(df: pd.DataFrame, columns: list[str], run: str, name: str) -> None:
+    """pandas skips NaN in sums and means; a non-finite value must stop the analysis instead."""
+    bad = ~np.isfinite(df[columns].to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        raise AnalysisError(f"run {run} has {int(bad.sum())} non-finite value(s) in {name} "
+                            f"(e.g. example {df.example_id[bad].iloc[0]}); its results are not numbers")

@@ -20,7 +20,7 @@ def _color(mode: str) -> str:
 
 
 def _suffix(res: Results) -> str:
-    return "" if res.paired else " (UNPAIRED runs)"
+    return f" ({', '.join(res.caveats)})" if res.caveats else ""
 
 
 def _xaxis(ax, res: Results) -> None:
@@ -53,9 +53,10 @@ def paired_difference(res: Results, path: Path) -> None:
         part = final[final.reduce_loss == mode]
         err = np.vstack([part["diff"] - part.ci_low, part.ci_high - part["diff"]])
         ax.errorbar(part.bucket, part["diff"], yerr=err, fmt="o", capsize=4, color=_color(mode),
-                    label=f"mean difference, {int(res.options.confidence * 100)}% bootstrap CI")
+                    label=f"mean difference, {int(res.options.confidence * 100)}% CI over seeds and examples")
         ax.axhline(0, color="black", lw=1)
-        ax.set_title(f"{mode} − {res.options.reference}")
+        seeds = int(part.seeds.max())
+        ax.set_title(f"{mode} − {res.options.reference} ({seeds} seed{'s' if seeds > 1 else ', within-seed only'})")
         _xaxis(ax, res)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("paired Δ per-example loss (nats / token)")

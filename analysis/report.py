@@ -36,8 +36,33 @@ def setup_lines(res: Results) -> list[tuple[str, str]]:
             if key in runs and runs[key].notna().any() and str(runs[key].dropna().iloc[0]) not in ("None", "???"):
                 lines.append((label, ", ".join(sorted(runs[key].dropna().astype(str).unique()))))
                 break
+    if "loss_scale_value" in runs and runs.loss_scale_value.notna().any():
+        asked = sorted(runs["loss_scale"].dropna().astype(str).unique()) if "loss_scale" in runs else []
+        used = ", ".join(f"{float(v):.4g}" for v in sorted(runs.loss_scale_value.dropna().astype(float).unique()))
+        lines = [(k, v) if k != "loss_scale (sum)" else (k, f"{', '.join(asked)} (= {used})" if "auto" in asked else used)
+                 for k, v in lines]
     lines.append(("buckets", f"{len(res.labels)} by validation {res.options.bucket_by}: {', '.join(res.labels)}"))
+    for run in res.flagged.itertuples():
+        lines.append(("FLAGGED run, compared anyway", f"{run.run_name or run.run_id}: {run.flag}"))
+    for run in res.left_out:
+        lines.append(("left out, did not finish", run))
+    lines.append(("intervals", interval_note(res)))
     return lines
+
+
+def interval_note(res: Results) -> str:
+    pct = int(res.options.confidence * 100)
+    seeds = sorted(res.paired_diff.seeds.unique()) if not res.paired_diff.empty else []
+    if seeds == [1]:
+        return (f"{pct}% intervals are within-seed only (1 seed): they show how precisely the validation "
+                "examples measure these runs, not how much another seed would change the difference; "
+                "run more seeds (seed=0,1,2) for intervals that include training noise")
+    return (f"{pct}% intervals over seeds and examples (Student's t; {', '.join(map(str, seeds))} seeds per "
+            "interval): seed-to-seed training noise is part of them")
+
+
+def _seeds(n: int) -> str:
+    return "1 seed, within-seed only" if n == 1 else f"{n} seeds"
 
 
 def tables(res: Results) -> dict[str, pd.DataFrame]:
@@ -48,6 +73,8 @@ def tables(res: Results) -> dict[str, pd.DataFrame]:
         df = df.copy()
         df.insert(df.columns.get_loc("bucket") + 1, "bucket_range", df.bucket.map(label))
         out[name] = df
+    if not res.clipping.empty:
+        out["clipping"] = res.clipping
     return out
 
 
@@ -58,9 +85,52 @@ def sentences(res: Results) -> list[str]:
     for row in final.itertuples():
         verdict = (f"distinguishable from zero ({row.reduce_loss} is {'worse' if row.diff > 0 else 'better'})"
                    if row.distinguishable else "not distinguishable from zero")
-        out.append(f"{res.options.bucket_by} {res.labels[row.bucket]} ({row.examples} examples, {row.seeds} seed(s)): "
+        out.append(f"{res.options.bucket_by} {res.labels[row.bucket]} ({row.examples} examples, {_seeds(row.seeds)}): "
                    f"{row.reduce_loss} − {ref} = {row.diff:+.4f} nats/token, {pct}% CI "
                    f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]: {verdict}.")
+    return out
+
+
+def clipping_sentences(res: Results) -> list[str]:
+    """Plain statements on clipping, for each mode against the reference."""
+    if res.clipping.empty or res.options.reference not in set(res.clipping.reduce_loss):
+        return []
+    by_mode, ref = res.clipping.set_index("reduce_loss"), res.options.reference
+    threshold = ", ".join(sorted(set(by_mode.max_grad_norm)))
+    out = []
+    for mode, row in by_mode.drop(index=ref).iterrows():
+        base = by_mode.loc[ref]
+        shares = (f"{mode} on {100 * row.clipped_fraction:.0f}% of steps, {ref} on {100 * base.clipped_fraction:.0f}%; "
+                  f"trainer.max_grad_norm={threshold}")
+        if row.mostly_clipped and base.mostly_clipped:
+            out.append(f"Clipping dominates the comparison of {mode} with {ref}: both were clipped on most steps "
+                       f"({shares}). A clipped step has the same length whatever the reduction's scale, so these "
+                       "runs differ mostly by clipping (sum and token_mean, whose gradients differ only by a "
+                       "factor, take identical steps as long as both are clipped). Raise trainer.max_grad_norm "
+                       "or set it to null, and use loss_scale=auto for sum, to compare the reductions themselves.")
+        elif row.mostly_clipped or base.mostly_clipped:
+            which = mode if row.mostly_clipped else ref
+            out.append(f"Clipping shapes the comparison of {mode} with {ref}: {which} was clipped on most steps, "
+                       f"the other was not ({shares}), so part of the difference is the clipping of {which}'s updates.")
+        ratio = row.grad_norm_median / base.grad_norm_median if base.grad_norm_median else float("nan")
+        if ratio > 10 or ratio < 0.1:
+            out.append(f"{mode}'s median pre-clip gradient norm is {ratio:.3g} times {ref}'s "
+                       f"({row.grad_norm_median:.3g} against {base.grad_norm_median:.3g}): their scales differ"
+                       + (" (loss_scale=auto gives sum the scale of token_mean on an average step)." if "sum" in (mode, ref) else "."))
+    return out
+
+
+def absent_sections(res: Results, images: list[str]) -> list[tuple[str, str]]:
+    """(section, why it is absent) for every section this report leaves out."""
+    out = []
+    if res.grad_share.empty:
+        out.append(("Share of gradient weight during training",
+                    "Absent: none of the runs has the artifact train/train_grad_weight.parquet."))
+    if res.clipping.empty:
+        out.append(("Clipping", "Absent: none of the runs logged the metric train/clipped_fraction "
+                                "(runs written before it was logged)."))
+    if not images:
+        out.append(("Plots", "Not drawn (--no-plots)."))
     return out
 
 
@@ -73,6 +143,15 @@ def _final_tables(res: Results, t: dict[str, pd.DataFrame]) -> dict[str, pd.Data
     if not res.grad_share.empty:
         share = t["gradient_weight_share"].pivot(index="bucket_range", columns="reduce_loss", values="share")
         shown["Share of gradient weight during training (%)"] = (100 * share.loc[res.labels]).round(1)
+    if not res.clipping.empty:
+        c = res.clipping.set_index("reduce_loss")
+        shown["Clipping: share of steps whose gradient was clipped, and the pre-clip gradient norm"] = pd.DataFrame({
+            "runs": c.runs,
+            "clipped steps (%)": (100 * c.clipped_fraction).round(1),
+            "range over runs (%)": [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in zip(c.clipped_min, c.clipped_max)],
+            "median pre-clip norm": c.grad_norm_median.map(lambda v: f"{v:.4g}"),
+            "max_grad_norm": c.max_grad_norm,
+        })
     return shown
 
 
@@ -80,14 +159,18 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     t = tables(res)
     for name, df in t.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    title = "How each reduction treats long vs short examples" + ("" if res.paired else " (UNPAIRED)")
-    setup, said, shown = setup_lines(res), sentences(res), _final_tables(res, t)
+    title = "How each reduction treats long vs short examples" + (f" ({', '.join(res.caveats)})" if res.caveats else "")
+    setup, said, shown = setup_lines(res), clipping_sentences(res) + sentences(res), _final_tables(res, t)
+    absent = absent_sections(res, images)
 
     md = [f"# {title}", "", "## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup]
     md += ["", "## Findings", ""] + [f"- {s}" for s in said]
     for caption, df in shown.items():
         md += ["", f"## {caption}", "", df.to_markdown() if _has_tabulate() else df.to_string()]
-    md += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    for caption, why in absent:
+        md += ["", f"## {caption}", "", why]
+    if images:
+        md += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in t), ""]
     (out / "report.md").write_text("\n".join(md))
 
@@ -96,7 +179,9 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     body += ["<h2>Findings</h2><ul>"] + [f"<li>{html.escape(s)}</li>" for s in said] + ["</ul>"]
     for caption, df in shown.items():
         body += [f"<h2>{html.escape(caption)}</h2>", df.to_html(border=0)]
-    body += ["<h2>Plots</h2>"]
+    for caption, why in absent:
+        body += [f"<h2>{html.escape(caption)}</h2>", f"<p>{html.escape(why)}</p>"]
+    body += ["<h2>Plots</h2>"] if images else []
     for name in images:
         data = base64.b64encode((out / name).read_bytes()).decode()
         body.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')

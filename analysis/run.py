@@ -1,7 +1,8 @@
 """Select runs, analyse, write plots, tables and report into one folder, log it to MLflow.
 
 The folder is built beside `out` and moved into place at the end, so a failure leaves
-nothing partial behind.
+nothing partial behind. An existing `out` is replaced only if this tool made it: it holds
+the marker file MARKER, listing what the tool wrote, and nothing else.
 """
 
 from __future__ import annotations
@@ -18,24 +19,25 @@ from analysis.compute import Options, Results, analyse
 from analysis.load import AnalysisError, load, select_runs
 
 log = logging.getLogger(__name__)
+MARKER = ".reduce-loss-analysis"  # in every folder this tool writes: the names it wrote, one per line
 
 
 def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None = None,
                  parent_run_id: str | None = None, draw: bool = True) -> Results:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
-        raise AnalysisError(f"--out {out} exists and does not hold an earlier report; choose an empty folder")
-    runs = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id)
+    check_replaceable(out)
+    runs, left_out = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id,
+                                 include_flagged=opts.include_flagged)
     data = load(uri, runs)
     results = analyse(data, opts)
+    results.left_out = left_out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         images = plots.draw_all(results, staging) if draw else []
         report.write(results, staging, images)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        (staging / MARKER).write_text("".join(f"{p.name}\n" for p in sorted(staging.iterdir())))
+        replace(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -43,3 +45,34 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
     log.info("analysis of %d runs written to %s", len(runs), out)
     return results
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an `out` that holds anything this tool did not write there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AnalysisError(f"--out {out} is a file, not a folder; choose a new or empty folder")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return
+    marker = out / MARKER
+    if not marker.is_file():
+        raise AnalysisError(f"--out {out} holds files this tool did not write ({', '.join(sorted(present)[:3])}"
+                            f"{', ...' if len(present) > 3 else ''}); choose a new or empty folder")
+    foreign = present - set(marker.read_text().split("\n")) - {MARKER}
+    if foreign:
+        raise AnalysisError(f"--out {out} holds an earlier report and files this tool did not write "
+                            f"({', '.join(sorted(foreign)[:3])}); move them, or choose another folder")
+
+
+def replace(out: Path, staging: Path) -> None:
+    """Move the finished `staging` folder to `out`, removing the earlier report (checked to be
+    this tool's) only once the new one is in place."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+    out.rename(old / out.name)
+    staging.rename(out)
+    shutil.rmtree(old)

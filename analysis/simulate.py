@@ -10,32 +10,58 @@ from harness import artifacts
 
 
 def simulated_runs(n_examples: int, modes=("mean", "sum"), seeds=(0, 1), steps=(100,), effect=None,
-                   noise: float = 0.05, rng: np.random.Generator | None = None) -> RunData:
+                   noise: float = 0.05, seed_sd: float = 0.0, example_sd: float = 0.0,
+                   rng: np.random.Generator | None = None) -> RunData:
     """Paired runs on one validation set. `effect(mode, seq_len) -> array` adds to loss_mean.
 
-    Each example has a difficulty shared by all runs; each run adds independent noise, so the
-    paired differences have mean `effect` and spread `noise * sqrt(2)`."""
+    Each example has a difficulty shared by all runs. On top of it, at every evaluation step:
+    - `noise`: every run adds independent N(0, noise) to each example, so the paired
+      differences spread by noise * sqrt(2);
+    - `seed_sd`: every run shifts all its examples by one N(0, seed_sd / sqrt(2)) draw, so a
+      paired difference between two modes moves by N(0, seed_sd) per seed (training noise,
+      which no number of validation examples averages away);
+    - `example_sd`: every mode shifts each example by N(0, example_sd / sqrt(2)), the same in
+      all seeds (an example-specific part of the effect, which no number of seeds averages away).
+    The true paired difference is therefore `effect` alone. Steps draw independently of each
+    other, so each step is an independent data set.
+    """
     rng = rng or np.random.default_rng(0)
     seq_len = rng.integers(8, 1024, n_examples)
     target = np.maximum(1, (seq_len * rng.uniform(0.2, 0.9, n_examples)).astype(int))
     ids = np.array([f"ex-{i:07d}" for i in range(n_examples)])
     difficulty = rng.normal(2.0, 0.5, n_examples)
-    runs, evals, grads, curves = [], [], [], []
-    for seed in seeds:
-        for mode in modes:
-            run_id = f"{mode}-s{seed}"
-            runs.append(dict(run_id=run_id, run_name=run_id, status="FINISHED", reduce_loss=mode, seed=str(seed),
-                             pair_id=f"pair-{seed}", init_fingerprint=f"init-{seed}", data_fingerprint=f"data-{seed}",
-                             schema_version=artifacts.SCHEMA_VERSION))
-            for step in steps:
-                loss_mean = difficulty + rng.normal(0, noise, n_examples)
-                if effect is not None:
-                    loss_mean = loss_mean + effect(mode, seq_len)
-                evals.append(pd.DataFrame(dict(example_id=ids, seq_len=seq_len, target_tokens=target,
-                                               loss_sum=loss_mean * target, loss_mean=loss_mean, run_id=run_id, step=step)))
-            weight = target if mode == "sum" else np.ones(n_examples)
-            grads.append(pd.DataFrame(dict(example_id=ids, seq_len=seq_len, target_tokens=target, times_seen=1,
-                                           grad_weight=weight.astype(float), run_id=run_id)))
-            curves.append(pd.DataFrame(dict(run_id=run_id, step=list(steps), value=[2.0] * len(steps))))
-    return RunData(pd.DataFrame(runs), pd.concat(evals, ignore_index=True), pd.concat(grads, ignore_index=True),
-                   pd.concat(curves, ignore_index=True))
+    n_seeds, n_modes, n_steps = len(seeds), len(modes), len(steps)
+
+    # loss_mean[seed, mode, step, example]
+    loss = difficulty + rng.normal(0, noise, (n_seeds, n_modes, n_steps, n_examples))
+    if seed_sd:
+        loss += rng.normal(0, seed_sd / np.sqrt(2), (n_seeds, n_modes, n_steps, 1))
+    if example_sd:
+        loss += rng.normal(0, example_sd / np.sqrt(2), (1, n_modes, n_steps, n_examples))
+    if effect is not None:
+        planted = np.stack([np.broadcast_to(effect(mode, seq_len), seq_len.shape) for mode in modes])
+        loss += planted[None, :, None, :]
+
+    run_ids = [f"{mode}-s{seed}" for seed in seeds for mode in modes]
+    runs = pd.DataFrame([dict(run_id=f"{mode}-s{seed}", run_name=f"{mode}-s{seed}", status="FINISHED",
+                              reduce_loss=mode, seed=str(seed), pair_id=f"pair-{seed}", init_fingerprint=f"init-{seed}",
+                              data_fingerprint=f"data-{seed}", schema_version=artifacts.SCHEMA_VERSION)
+                         for seed in seeds for mode in modes])
+    per_run_step = n_steps * n_examples
+    loss_mean = loss.reshape(-1)
+    evals = pd.DataFrame(dict(
+        example_id=np.tile(ids, n_seeds * n_modes * n_steps),
+        seq_len=np.tile(seq_len, n_seeds * n_modes * n_steps),
+        target_tokens=np.tile(target, n_seeds * n_modes * n_steps),
+        loss_sum=loss_mean * np.tile(target, n_seeds * n_modes * n_steps),
+        loss_mean=loss_mean,
+        run_id=np.repeat(run_ids, per_run_step),
+        step=np.tile(np.repeat(np.asarray(steps), n_examples), n_seeds * n_modes),
+    ))
+    grads = pd.concat([pd.DataFrame(dict(example_id=ids, seq_len=seq_len, target_tokens=target, times_seen=1,
+                                         grad_weight=(target if mode == "sum" else np.ones(n_examples)).astype(float),
+                                         run_id=f"{mode}-s{seed}"))
+                       for seed in seeds for mode in modes], ignore_index=True)
+    curves = pd.DataFrame(dict(run_id=np.repeat(run_ids, n_steps), step=np.tile(np.asarray(steps), len(run_ids)),
+                               value=2.0))
+    return RunData(runs, evals, grads, curves)

@@ -14,9 +14,9 @@ python3 "$repo/benchmarks/gpu_throughput.py" --model qwen0.5b --data embedded > 
 sed -n '/^summary/,$p' "$out/throughput.log"
 
 work=$(mktemp -d); cd "$work"
-echo "== token_mean: 2 GPUs x grad_accum 1 vs 1 GPU x grad_accum 2"
-time (torchrun --nproc_per_node=2 -m harness reduce_loss=token_mean trainer.grad_accum=1 tracking.uri=sqlite:///two.db > "$out/two_gpus.log" 2>&1)
-time (python3 -m harness reduce_loss=token_mean trainer.grad_accum=2 tracking.uri=sqlite:///one.db > "$out/one_gpu.log" 2>&1)
+echo "== token_mean: 2 GPUs x grad_accum 1 vs 1 GPU x grad_accum 2 (fp32: the two should agree closely)"
+time (torchrun --nproc_per_node=2 -m harness reduce_loss=token_mean trainer.grad_accum=1 trainer.precision=fp32 tracking.uri=sqlite:///two.db > "$out/two_gpus.log" 2>&1)
+time (python3 -m harness reduce_loss=token_mean trainer.grad_accum=2 trainer.precision=fp32 tracking.uri=sqlite:///one.db > "$out/one_gpu.log" 2>&1)
 grep -h "training on" "$out/two_gpus.log" "$out/one_gpu.log"
 python3 "$repo/benchmarks/compare_loss_curves.py" sqlite:///one.db sqlite:///two.db
 

@@ -4,7 +4,10 @@ analysis reads. Torch-free, so the analysis imports it without the training stac
 A run is an MLflow child run of its sweep's parent run, tagged with `RUN_TAGS`, holding
 - `eval/step_<8 digits>.parquet` at every evaluation and `eval/final.parquet` (EVAL_COLUMNS),
 - `train/train_grad_weight.parquet` (GRAD_WEIGHT_COLUMNS),
-- the metric `train/loss` (token-mean NLL of each step).
+- the metric `train/loss` (token-mean NLL of each step),
+- at the end, the metrics `train/clipped_fraction` (share of all steps whose gradient was
+  clipped) and `train/grad_norm_median` (median pre-clip gradient norm over all steps),
+- the tag `loss_scale` and metric `train/loss_scale`: `sum`'s token weight (`auto` resolved).
 Runs of another `SCHEMA_VERSION` are refused by the analysis.
 """
 
@@ -20,11 +23,22 @@ TAG_MODE = "reduce_loss"
 TAG_SEED = "seed"
 TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in reduce_loss
 TAG_INIT = "init_fingerprint"  # hash of the initial parameters
-TAG_DATA = "data_fingerprint"  # hash of the ordered training example ids
+TAG_DATA = "data_fingerprint"  # hash of the tokenised training and validation examples and the training order
 TAG_SCHEMA = "schema_version"
 TAG_JOB = "job_key"  # the job a run belongs to (harness/jobs.py); runs of one job are duplicates
+TAG_LOSS_SCALE = "loss_scale"  # the resolved loss_scale (the param holds `auto` when asked for)
 RUN_TAGS = [TAG_MODE, TAG_SEED, TAG_PAIR, TAG_INIT, TAG_DATA, TAG_SCHEMA]
 FINGERPRINT_TAGS = [TAG_INIT, TAG_DATA]
+
+# Tags of some runs. A run that FINISHED but looks broken is flagged; the analysis refuses
+# flagged runs, and runs that did not finish, unless told to include them.
+TAG_FLAG = "flag"  # comma-separated FLAGS
+TAG_FLAG_REASON = "flag_reason"  # the figures behind the flags, one sentence each
+FLAG_LOSS_ROSE = "loss_rose"  # token-mean training loss of the last steps above that of the first
+FLAG_GRAD_ZERO = "grad_norm_zero"  # the gradient was exactly zero at some step
+FLAGS = [FLAG_LOSS_ROSE, FLAG_GRAD_ZERO]
+TAG_ERROR = "error"  # why a FAILED run failed
+TAG_CACHE = "tokenisation_cache"  # built (by this command), reused (from an earlier one), none (not cached)
 
 # The sweep folder holds the parent run's id, so jobs and the analysis can find it.
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -41,6 +55,9 @@ GRAD_WEIGHT_FILE = "train_grad_weight.parquet"
 GRAD_WEIGHT_COLUMNS = ["example_id", "seq_len", "target_tokens", "times_seen", "grad_weight"]
 
 TRAIN_LOSS_METRIC = "train/loss"
+CLIPPED_FRACTION_METRIC = "train/clipped_fraction"
+GRAD_NORM_MEDIAN_METRIC = "train/grad_norm_median"
+LOSS_SCALE_METRIC = "train/loss_scale"
 
 
 def eval_file(step: int) -> str:

@@ -40,6 +40,7 @@ class LoopState:
     grad_weight: torch.Tensor  # this rank's share, one float64 per training example
     times_seen: torch.Tensor  # this rank's share, one int64 per training example
     tokens_seen: int  # over all ranks
+    guard: dict  # harness.guard.StepGuard.state_dict()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -99,7 +100,8 @@ class Checkpoints:
         distributed.barrier(self.world)
         device = state.grad_weight.device
         torch.save({"rng": rng_state(device), "grad_weight": state.grad_weight, "times_seen": state.times_seen,
-                    "tokens_seen": state.tokens_seen, "step": state.step}, tmp / f"rank{self.world.rank}.pt")
+                    "tokens_seen": state.tokens_seen, "step": state.step, "guard": state.guard},
+                   tmp / f"rank{self.world.rank}.pt")
         if self.world.is_main:
             save_model(model, str(tmp / MODEL_FILE))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
@@ -122,8 +124,9 @@ class Checkpoints:
         scheduler.load_state_dict(shared["scheduler"])
         mine = torch.load(path / f"rank{self.world.rank}.pt", map_location="cpu", weights_only=True)
         set_rng_state(mine["rng"], device)
+        guard = {k: v.to(device) for k, v in mine["guard"].items()}
         return LoopState(mine["step"], mine["grad_weight"].to(device), mine["times_seen"].to(device),
-                         mine["tokens_seen"])
+                         mine["tokens_seen"], guard)
 
     def remove_all(self) -> None:
         """Delete this job's checkpoints (and any half-written one); nothing else in the folder."""

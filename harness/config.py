@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType
 
+from harness.artifacts import resolve_uri
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.reduction import MODES
 
@@ -35,15 +39,17 @@ def _int(key: str, value, minimum: int | None = 1) -> None:
         raise ConfigError(f"{key}={value} must be >= {minimum}")
 
 
-def _positive(key: str, value) -> None:
+def _positive(key: str, value, alternative: str | None = None) -> None:
+    if alternative is not None and value == alternative:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key}={value!r} must be a number > 0")
+        raise ConfigError(f"{key}={value!r} must be a number > 0" + (f" or {alternative}" if alternative else ""))
 
 
 def validate(cfg: DictConfig) -> None:
     _choice("reduce_loss", cfg.reduce_loss, MODES)
     _int("seed", cfg.seed, minimum=None)
-    _positive("loss_scale", cfg.loss_scale)
+    _positive("loss_scale", cfg.loss_scale, alternative="auto")
 
     t = cfg.trainer
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
@@ -54,8 +60,10 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(t.checkpoint_dir, str) or not t.checkpoint_dir:
         raise ConfigError(f"trainer.checkpoint_dir={t.checkpoint_dir!r} must be a folder name")
     _positive("trainer.lr", t.lr)
+    if t.max_grad_norm is not None:  # null: no clipping (the norm is still measured and logged)
+        _positive("trainer.max_grad_norm", t.max_grad_norm)
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("trainer.precision", t.precision, ("fp32", "bf16-mixed"))
+    _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16-mixed"))
     _choice("trainer.scheduler", t.scheduler, [s.value for s in SchedulerType])
     _choice("trainer.compile", t.compile, ("auto", True, False))
     if t.loss_chunk_tokens not in ("auto", None):
@@ -96,15 +104,52 @@ def validate(cfg: DictConfig) -> None:
                 f"data.pack_length={d.pack_length} is shorter than data.max_seq_len={d.max_seq_len}; "
                 "a packed row must hold the longest example"
             )
+    if d.kind == "sharegpt":
+        if isinstance(d.val_fraction, bool) or not isinstance(d.val_fraction, (int, float)) or not 0 < d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={d.val_fraction!r} must be a number between 0 and 1")
+        if d.max_examples is not None:
+            _int("data.max_examples", d.max_examples)
+        if not isinstance(d.single_turn, bool):
+            raise ConfigError(f"data.single_turn={d.single_turn!r} must be true or false")
     if d.kind == "hf" and (OmegaConf.is_missing(d, "path") or d.path is None):
         raise ConfigError("data.path is not set; give a Hub name or json/parquet/csv with data.data_files")
 
+    if cfg.get("tracking") is not None:
+        _sqlite_folder(cfg.tracking.uri)
+
     m = cfg.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
-    if m.kind == "hf":
+    if m.kind in ("hf", "smollm2"):
         _choice("model.init", m.init, ("pretrained", "random"))
+    if m.kind == "hf":
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def _sqlite_folder(uri: str) -> None:
+    """A SQLite store may be created, but not its folder: a typo must not make folders."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        folder = Path(resolve_uri(uri)[len(prefix):]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking.uri={redact(uri)}: the folder {folder} does not exist; create it first")
+
+
+MAX_JOB_DIRNAME = 100
+
+
+def job_dirname(num, overrides: str) -> str:
+    """A job's folder in its sweep: the job number and its overrides, made safe as one folder
+    name (no '/', no '..', no credentials, at most MAX_JOB_DIRNAME characters)."""
+    name = re.sub(r"\.{2,}|[^A-Za-z0-9_.,=+-]", "_", redact(str(overrides)))
+    name = re.sub(r"_{2,}", "_", name).strip("._")
+    if len(name) > MAX_JOB_DIRNAME:
+        digest = hashlib.sha256(str(overrides).encode()).hexdigest()[:8]  # keeps names of long overrides apart
+        name = f"{name[:MAX_JOB_DIRNAME - 9].rstrip('_.,=+-')}-{digest}"
+    return f"{num}-{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/train.yaml hydra.sweep.subdir
 
 
 def row_length(data_cfg) -> int:

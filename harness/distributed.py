@@ -35,6 +35,14 @@ def init(world: World, device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def gather_to_main(obj, world: World) -> list:
     """Every rank's `obj`, as a list on rank 0 (and [obj] in a world of one)."""
     if world.size == 1:
@@ -69,4 +77,11 @@ def sum_tensor(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
+    return t
+
+
+def min_tensor(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,15 +10,18 @@ import torch
 
 from harness import artifacts
 from harness.batching import collate
-from harness.distributed import World, gather_to_main
+from harness.distributed import World, all_reduce_sum, gather_to_main
+from harness.guard import NonFiniteError
 from harness.losses import per_example_sums, token_nll
 
 
 @torch.no_grad()
 def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, row_length: int,
-             device: torch.device, world: World, chunk_tokens: int | None = None) -> pd.DataFrame | None:
+             device: torch.device, world: World, chunk_tokens: int | None = None,
+             step: int | None = None) -> pd.DataFrame | None:
     """One row per validation example (on rank 0; None elsewhere). Each rank evaluates every
-    W-th example, so together they cover every example exactly once."""
+    W-th example, so together they cover every example exactly once. A non-finite loss raises
+    NonFiniteError naming `step` on every rank."""
     was_training = model.training
     model.eval()
     mine = sorted(examples[world.rank :: world.size], key=lambda e: e.seq_len)  # less padding
@@ -27,6 +31,11 @@ def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, ro
         sums = per_example_sums(token_nll(model, batch, chunk_tokens), batch).double().cpu().tolist()
         rows += [(e.example_id, e.seq_len, e.target_tokens, s) for e, s in zip(batch.examples, sums)]
     model.train(was_training)
+    bad = [r for r in rows if not math.isfinite(r[3])]
+    if all_reduce_sum([len(bad)], device)[0]:  # every rank stops, before anything is written
+        example = f"e.g. {bad[0][0]}: {bad[0][3]}" if bad else "on another rank"
+        raise NonFiniteError(f"validation loss is not finite at step {step} ({example}); the weights after "
+                             "that step are not finite")
     gathered = gather_to_main(rows, world)
     if not world.is_main:
         return None
@@ -36,10 +45,13 @@ def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, ro
 
 
 def summary(df: pd.DataFrame) -> dict[str, float]:
+    """Token- and example-weighted means; a NaN stays NaN (pandas would skip it)."""
     return {
-        "val/token_loss": float(df.loss_sum.sum() / df.target_tokens.sum()),
-        "val/seq_loss": float(df.loss_mean.mean()),
+        "val/token_loss": float(df.loss_sum.sum(skipna=False) / df.target_tokens.sum()),
+        "val/seq_loss": float(df.loss_mean.mean(skipna=False)),
     }
+
+
 
 
 def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
@@ -47,7 +59,7 @@ def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tra
     """Evaluate, write `eval/step_<step>.parquet` (and `eval/final.parquet` at the end) into
     `out_dir` and the run, log the summary metrics, and return them (empty off rank 0)."""
     df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
-                  **layout)
+                  step=step, **layout)
     if df is None:
         return {}
     folder = out_dir / artifacts.EVAL_DIR

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import torch
 
 
@@ -16,8 +17,24 @@ def params_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def order_fingerprint(example_ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(example_ids).encode()).hexdigest()[:16]
+def data_fingerprint(train: list, order: list[int], validation: list) -> str:
+    """The data of a run: every training example (harness.batching.Example: id, tokens, targets),
+    the order it is trained in (indices into `train`), and the validation examples. An edited data
+    file, another tokenizer or length policy, or another order changes it."""
+    total = hashlib.sha256()
+    for example in train:
+        total.update(_example_digest(example))
+    total.update(np.asarray(order, dtype=np.int64).tobytes())
+    for example in validation:
+        total.update(_example_digest(example))
+    return total.hexdigest()[:16]
+
+
+def _example_digest(example) -> bytes:
+    h = hashlib.sha256(example.example_id.encode() + b"\0")
+    h.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+    h.update(np.asarray(example.targets, dtype=np.int64).tobytes())
+    return h.digest()
 
 
 def config_fingerprint(container: dict) -> str:

@@ -1,6 +1,6 @@
 """Check the command line before Hydra starts: every job of a sweep is composed and checked,
 and its model and data sources are opened, so bad input fails in one line before any
-training and before any MLflow run exists."""
+training and before any MLflow run exists. --help, --info and --cfg check and open nothing."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from hydra.errors import HydraException, MissingConfigException
 
 from harness.chat_format import ConversationError
 from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.model import ModelError, load_tokenizer
-from harness.sources import DataError
+from harness.sources import DataError, load_source
 from harness.tokenise import prepare_data
 
 USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
@@ -27,12 +28,13 @@ class InputError(Exception):
 
 
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
-    """The overrides of every job the command line asks for; None for help-like flags.
+    """The overrides of every job the command line asks for; None for help-like flags and
+    --cfg, which only print (and so open no model or data source).
 
     Sweeps come from the command line and, as in Hydra's basic sweeper, from
     `hydra.sweeper.params` (which experiment presets may set)."""
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return None
     overrides = list(args.overrides)
     if args.multirun:
@@ -92,8 +94,11 @@ def check_command_line(argv: list[str]) -> None:
                 key = str((cfg.model, cfg.data))
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
+                    check_data = cfg.data.kind != "synthetic" and world_from_env().is_main
+                    if check_data:
+                        load_source(cfg.data)  # bad data fails before a model is downloaded or converted
                     tokenizer = load_tokenizer(cfg.model)
-                    if cfg.data.kind != "synthetic" and world_from_env().is_main:
+                    if check_data:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
             except USER_ERRORS as e:
                 raise InputError(str(e)) from None
@@ -104,7 +109,7 @@ def main_or_exit(argv: list[str]) -> None:
     try:
         check_command_line(argv)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(2)
     finally:
         datasets.enable_progress_bars()

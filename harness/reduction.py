@@ -12,7 +12,7 @@ each mode's objective is ``sum_t weight_t * l_t`` with the per-token weight belo
 the gradient-weight accounting both call it.
 
     mean        1 / (G W n_m)   token mean per micro-batch, averaged over micro-batches and ranks
-    sum         loss_scale      plain sum over the step (times a constant)
+    sum         loss_scale      plain sum over the step (times a constant; `auto_loss_scale`)
     token_mean  1 / N           global token mean of the step
     seq_mean    1 / (B n_i)     every sequence weighs the same
 
@@ -65,3 +65,14 @@ def micro_batch_loss(token_nll: torch.Tensor, weights: torch.Tensor, world_size:
     sum_t weight_t * grad(l_t).
     """
     return (weights.to(token_nll.dtype) * token_nll).sum() * world_size
+
+
+def auto_loss_scale(target_tokens: list[int], steps: list[list[int]]) -> float:
+    """`loss_scale=auto`: 1 / (mean target tokens per optimizer step over the training order).
+
+    `target_tokens[i]` is n_i of training example i, `steps` the examples of every step (all
+    ranks). It depends on the data and the seed only, so both runs of a pair get the same value,
+    and `sum` then has `token_mean`'s scale on an average step: the two differ only in how steps
+    with more or fewer tokens than average weigh."""
+    tokens_per_step = sum(target_tokens[i] for step in steps for i in step) / len(steps)
+    return 1.0 / tokens_per_step

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import parent_run_id, resolve_uri
+from harness.credentials import redact
 from harness.distributed import world_from_env
 from harness.fingerprint import config_fingerprint
 from harness.jobs import end_orphans, sweep_lock_path
@@ -68,7 +69,7 @@ class SweepTracking(Callback):
         if not world_from_env().is_main:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = redact(" ".join(config.hydra.overrides.task))
         key, root = sweep_key(config), Path(config.trainer.checkpoint_dir)
         try:
             _sweep_lock = _hold_sweep_lock(sweep_lock_path(root, key))

@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 
 from harness.batching import Example
 from harness.chat_format import ConversationError, encode_truncated, normalize_messages
-from harness.sources import DataError, Source, load_source
+from harness.sources import DataError, Source, bad_file, load_source, row_line
 
 log = logging.getLogger(__name__)
 TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
-CACHE_KEYS = ("path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
-              "messages_column", "id_column", "role_names", "max_seq_len", "truncation")
+CACHE_KEYS = ("kind", "path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
+              "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn")
 
 
 @dataclass
@@ -28,7 +28,10 @@ class PreparedData:
     train: list[Example]
     val: list[Example]
     counts: dict[str, int] = field(default_factory=dict)  # "<split>/<status>" for every status but ok
-    cache_reused: bool = False
+    cache: str = "none"  # the tokenisation cache: built (in this process), reused (built before it), none
+
+
+_BUILT: set[str] = set()  # cache files this process built (the pre-flight check builds what the job uses)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -36,13 +39,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((state + str(tokenizer.chat_template)).encode()).hexdigest()[:16]
 
 
-def _cache_key(cfg, tokenizer, split_name: str) -> str:
+def _cache_key(cfg, source: Source, tokenizer, split_name: str) -> str:
+    """The data config, the data's content, the tokenizer and the split: any change is a new cache."""
     relevant = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(CACHE_KEYS)), resolve=True)
-    blob = json.dumps(relevant, sort_keys=True) + tokenizer_fingerprint(tokenizer) + TOKENISATION_VERSION + split_name
+    blob = (json.dumps(relevant, sort_keys=True) + source.content + tokenizer_fingerprint(tokenizer)
+            + TOKENISATION_VERSION + split_name)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, bool]:
+def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, str]:
     split = source.train if split_name == "train" else source.val
 
     def encode_rows(batch):
@@ -53,21 +58,25 @@ def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets
                 messages = normalize_messages(messages, source.role_names, where)
                 enc = encode_truncated(tokenizer, messages, cfg.max_seq_len, cfg.truncation)
             except ConversationError as e:
-                raise DataError(str(e)) from None
+                line = row_line(cfg, source.splits[split_name], row)
+                raise DataError(f"{e} ({line})" if line else str(e)) from None
             out["input_ids"].append(enc.input_ids)
             out["labels"].append(enc.labels)
             out["status"].append(enc.status)
         return out
 
     kwargs = dict(batched=True, remove_columns=["messages", "row"], desc=f"tokenising {split_name}")
-    reused = False
-    if source.cacheable:
-        cache_dir = os.path.expanduser(cfg.cache_dir)
-        os.makedirs(cache_dir, exist_ok=True)
-        cache_file = os.path.join(cache_dir, f"tokenized-{_cache_key(cfg, tokenizer, split_name)}.arrow")
-        reused = bool(glob.glob(cache_file[: -len(".arrow")] + "*.arrow"))
-        kwargs.update(cache_file_name=cache_file, load_from_cache_file=True, num_proc=cfg.num_proc or None)
-    return split.map(encode_rows, **kwargs), reused
+    if not source.cacheable:
+        return split.map(encode_rows, **kwargs), "none"
+    cache_dir = os.path.expanduser(cfg.cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    cache_file = os.path.join(cache_dir, f"tokenized-{_cache_key(cfg, source, tokenizer, split_name)}.arrow")
+    existed = bool(glob.glob(cache_file[: -len(".arrow")] + "*.arrow"))  # num_proc > 1 writes shards
+    kwargs.update(cache_file_name=cache_file, load_from_cache_file=True, num_proc=cfg.num_proc or None)
+    tokenized = split.map(encode_rows, **kwargs)
+    if not existed:
+        _BUILT.add(cache_file)
+    return tokenized, "reused" if existed and cache_file not in _BUILT else "built"
 
 
 def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: str) -> list[Example]:
@@ -83,11 +92,16 @@ def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: s
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Tokenised train and validation examples of the data config `cfg` (the `data` group)."""
-    source = load_source(cfg)
-    counts: dict[str, int] = {}
-    train_tok, reused_train = _tokenize(source, "train", cfg, tokenizer)
-    val_tok, reused_val = _tokenize(source, "validation", cfg, tokenizer)
-    train, val = _examples(train_tok, counts, "train"), _examples(val_tok, counts, "validation")
+    try:
+        source = load_source(cfg)
+        if source.counts:
+            log.info("%s: %s", source.name, ", ".join(f"{k}={v}" for k, v in source.counts.items()))
+        counts: dict[str, int] = {}
+        train_tok, cache_train = _tokenize(source, "train", cfg, tokenizer)
+        val_tok, cache_val = _tokenize(source, "validation", cfg, tokenizer)
+        train, val = _examples(train_tok, counts, "train"), _examples(val_tok, counts, "validation")
+    except UnicodeDecodeError as e:  # pyarrow reads bytes that are not UTF-8; decoding a row fails
+        raise DataError(bad_file(cfg, e) or f"data: text that is not UTF-8 ({e})") from None
     if counts:
         log.info("length policy %s at max_seq_len=%d: %s", cfg.truncation, cfg.max_seq_len,
                  ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -95,4 +109,5 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
     if not val:
         raise DataError(f"data: every validation example was dropped ({counts})")
-    return PreparedData(train, val, counts, cache_reused=reused_train and reused_val)
+    counts |= {f"source/{k}": v for k, v in source.counts.items()}
+    return PreparedData(train, val, counts, cache_train if cache_train == cache_val else "built")

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from harness.artifacts import PARENT_ID_FILE, resolve_uri
 from harness.signals import Interrupted
+from harness.credentials import redact
 
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
@@ -62,7 +63,7 @@ def flat_params(cfg) -> dict[str, str]:
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
         else:
-            out[prefix[:-1]] = str(node)[:MAX_PARAM_CHARS]
+            out[prefix[:-1]] = redact(str(node))[:MAX_PARAM_CHARS]
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
@@ -135,6 +136,10 @@ class RunLogger:
         new = {k: v for k, v in metrics.items() if step > self.logged_until.get(k, -1)}
         if new:
             mlflow.log_metrics(new, step=step)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            mlflow.set_tags(tags)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:

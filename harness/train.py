@@ -18,13 +18,16 @@ from harness import artifacts, distributed, signals
 from harness.batching import Example
 from harness.checkpoint import LoopState
 from harness.config import pair_key, row_length, validate
+from harness.credentials import redact
 from harness.data_order import training_order
 from harness.evaluate import evaluate_and_log
-from harness.fingerprint import config_fingerprint, order_fingerprint, params_fingerprint
+from harness.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
+from harness.guard import StepGuard
 from harness.jobs import claim_job
 from harness.losses import CausalLMLoss, supports_chunked_loss
 from harness.model import build_model, choose_attention, load_tokenizer
 from harness.prefetch import ahead
+from harness.reduction import auto_loss_scale
 from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
 from harness.tracking import RunLogger, flat_params
@@ -41,6 +44,14 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast over the model's own (float32 by default) weights: asked for with
+    `bf16-mixed`, or `auto` on CUDA. None: the forward pass runs in the weights' dtype."""
+    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class Setup:
     data: PreparedData
@@ -49,6 +60,7 @@ class Setup:
     chunk_tokens: int | None  # of the chunked loss; None: the plain path
     steps: list[list[int]]  # the training examples of every step
     pad_id: int
+    loss_scale: float  # `sum`'s token weight, `auto` resolved
     identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
 
 
@@ -63,14 +75,18 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         distributed.barrier(world)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     steps = training_order(len(data.train), cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.seed)
+    loss_scale = cfg.loss_scale if cfg.loss_scale != "auto" else \
+        auto_loss_scale([e.target_tokens for e in data.train], steps)
     identity = {
         artifacts.TAG_MODE: cfg.reduce_loss,
         artifacts.TAG_SEED: str(cfg.seed),
         artifacts.TAG_PAIR: config_fingerprint(pair_key(cfg)),
         artifacts.TAG_INIT: params_fingerprint(model),
-        artifacts.TAG_DATA: order_fingerprint([data.train[i].example_id for step in steps for i in step]),
+        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val),
         artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
-        "tokenisation_cache": "reused" if data.cache_reused else "built",
+        artifacts.TAG_CACHE: data.cache,
+        artifacts.TAG_LOSS_SCALE: repr(float(loss_scale)),
+        "precision": "bf16-mixed" if autocast_dtype(cfg.trainer.precision, device) else "fp32",
         "device": device.type,
         "world_size": str(world.size),
     }
@@ -81,7 +97,7 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
     step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device)
-    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, identity)
+    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity)
 
 
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
@@ -98,13 +114,13 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
     split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
     step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
-                     autocast_dtype=torch.bfloat16 if t.precision == "bf16-mixed" else None)
+                     autocast_dtype=autocast_dtype(t.precision, device))
     eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
                      chunk_tokens=run.chunk_tokens)
     train_set = run.data.train
 
     def plan(step: int):
-        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=cfg.loss_scale,
+        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=run.loss_scale,
                          split=split, world=world, layout=layout)
         return made.pin() if device.type == "cuda" else made
 
@@ -117,39 +133,57 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     try:
         grad_weight = torch.zeros(len(train_set), dtype=torch.float64, device=device)
         times_seen = torch.zeros(len(train_set), dtype=torch.long, device=device)
+        grad_norms = torch.zeros(t.max_steps, dtype=torch.float64, device=device)  # before clipping
+        clipped_steps = torch.zeros((), dtype=torch.long, device=device)
         meter = Throughput()
+        guard = StepGuard(t.max_steps, device)
         done = 0  # steps already trained
         if job.resume_from is not None:
             saved = job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device)
             done, grad_weight, times_seen, meter.total = saved.step, saved.grad_weight, saved.times_seen, saved.tokens_seen
+            guard.load_state_dict(saved.guard)
+            grad_norms, clipped_steps = saved.guard["grad_norms"], saved.guard["clipped_steps"]
         tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)
+        tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
         meter.restart()
         val_metrics: dict[str, float] = {}
-        progress = tqdm(total=t.max_steps, initial=done, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
+        progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
         with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
             for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
                 record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
                 progress.update()
+                guard.update(step, record)
                 grad_weight.index_add_(0, record.example_index, record.example_weight)
                 times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
+                grad_norms[step - 1] = record.grad_norm  # on the device: no sync
+                clipped_steps += record.clipped
                 meter.add(record.tokens)
-                if step % t.log_every == 0 or step == t.max_steps:
+                logs = step % t.log_every == 0 or step == t.max_steps
+                evaluates = step % t.eval_every == 0 or step == t.max_steps
+                stop = signals.stop_requested(world, device)
+                saves = stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps)
+                if logs or evaluates or saves:
+                    guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
+                if logs:
                     log_step(record, scheduler, meter.rate(), step, tracker, progress)
-                if step % t.eval_every == 0 or step == t.max_steps:
+                if evaluates:
                     val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
                                                    tracker, **eval_args)
                     meter.restart()  # evaluation time is not training throughput
-                stop = signals.stop_requested(world, device)
-                if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
-                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total),
+                if saves:
+                    kept = guard.state_dict() | {"grad_norms": grad_norms, "clipped_steps": clipped_steps}
+                    job.checkpoints.save(LoopState(step, grad_weight, times_seen, meter.total, kept),
                                          run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
         log_grad_weights(train_set, grad_weight, times_seen, out_dir, tracker, world)
+        tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(clipped_steps) / t.max_steps,
+                         artifacts.GRAD_NORM_MEDIAN_METRIC: float(grad_norms.quantile(0.5))}, step=t.max_steps)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
+        flag_run(guard.flags(), tracker)
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:
@@ -205,7 +239,7 @@ def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, de
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
+        (out_dir / "resolved_config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     tracker.params(flat_params(cfg))
     tracker.artifact(out_dir / "resolved_config.yaml")
     tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {
@@ -226,6 +260,14 @@ def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogg
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+
+def flag_run(flags: dict[str, str], tracker: RunLogger) -> None:
+    """Tag a run that finished but looks broken (the analysis refuses it unless told otherwise)."""
+    if not flags:
+        return
+    log.warning("run flagged %s: %s", ",".join(flags), "; ".join(flags.values()))
+    tracker.tags({artifacts.TAG_FLAG: ",".join(flags), artifacts.TAG_FLAG_REASON: "; ".join(flags.values())})
 
 
 def log_grad_weights(examples: list[Example], grad_weight, times_seen, out_dir: Path, tracker: RunLogger,

@@ -21,7 +21,7 @@ def test_a_sweep_logged_twice_is_compared_once_using_the_latest_runs(tmp_path):
     planted = simulated_runs(200, effect=lambda mode, seq_len: np.where(mode == "sum", 0.5, 0.0), rng=rng)
     log_sweep(uri, tmp_path, planted)
 
-    res = run_analysis(uri, tmp_path / "out", Options(buckets=2, n_boot=200), experiment="reduce-loss", draw=False)
+    res = run_analysis(uri, tmp_path / "out", Options(buckets=2), experiment="reduce-loss", draw=False)
     assert len(res.runs) == 4 and sorted(res.runs.seed) == ["0", "0", "1", "1"]
     assert len(res.superseded) == 4
     final = res.paired_diff[res.paired_diff.step == res.final_step]

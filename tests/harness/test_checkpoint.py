@@ -21,17 +21,18 @@ def fresh():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=len(STEPS))
     return model, optimizer, scheduler, LoopState(0, torch.zeros(len(EXAMPLES), dtype=torch.float64),
-                                                  torch.zeros(len(EXAMPLES), dtype=torch.long), 0)
+                                                  torch.zeros(len(EXAMPLES), dtype=torch.long), 0,
+                                                  {"first": torch.tensor([7, 9, 11])})
 
 
 def train(model, optimizer, scheduler, state: LoopState, until: int) -> LoopState:
     for step in range(state.step + 1, until + 1):
         record = train_step(CausalLMLoss(model), optimizer, scheduler, EXAMPLES, STEPS[step - 1], mode="token_mean",
-                            loss_scale=1.0, split=Split(grad_accum=2), max_grad_norm=1.0, world=World(),
+                            loss_scale=1.0, split=Split(2), max_grad_norm=1.0, world=World(),
                             device=torch.device("cpu"), layout=dict(pad_id=0, packing=False, row_length=64))
         state.grad_weight.index_add_(0, record.example_index, record.example_weight)
         state.times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
-        state = LoopState(step, state.grad_weight, state.times_seen, state.tokens_seen + record.tokens)
+        state = LoopState(step, state.grad_weight, state.times_seen, state.tokens_seen + record.tokens, state.guard)
     return state
 
 
@@ -50,6 +51,7 @@ def test_training_continued_from_a_checkpoint_is_bitwise_the_uninterrupted_run(t
     assert checkpoints.latest() == saved and saved.name == "step_00000002"
     loaded = checkpoints.load(saved, continued, optimizer2, scheduler2, torch.device("cpu"))
     assert loaded.step == 2 and loaded.tokens_seen == state.tokens_seen
+    assert torch.equal(loaded.guard["first"], torch.tensor([7, 9, 11]))  # the guard's watch goes on
     resumed = train(continued, optimizer2, scheduler2, loaded, until=4)
 
     assert torch.equal(torch.rand(3), rng_after)
@@ -65,7 +67,7 @@ def test_only_the_newest_checkpoints_are_kept_and_half_written_ones_are_ignored(
     model, optimizer, scheduler, state = fresh()
     checkpoints = Checkpoints(tmp_path, keep=2, world=World())
     for step in (1, 2, 3, 4):
-        checkpoints.save(LoopState(step, state.grad_weight, state.times_seen, 0), model, optimizer, scheduler, "r")
+        checkpoints.save(LoopState(step, state.grad_weight, state.times_seen, 0, {}), model, optimizer, scheduler, "r")
     assert [p.name for p in checkpoints.all()] == ["step_00000003", "step_00000004"]
 
     (tmp_path / ".tmp-step_00000009").mkdir()  # a process killed while saving step 9

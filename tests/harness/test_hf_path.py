@@ -2,9 +2,12 @@
 
 import json
 
+import datasets
 import mlflow
 import pandas as pd
+import pyarrow
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from omegaconf import OmegaConf
@@ -12,11 +15,13 @@ from omegaconf import OmegaConf
 from harness.chat_format import IGNORE
 from harness.chat_tokenizer import build_char_tokenizer
 from harness.config import CONF_DIR
-from harness.fingerprint import params_fingerprint
+from harness import tokenise
+from harness.fingerprint import data_fingerprint, params_fingerprint
 from harness.model import ModelError, build_model, load_tokenizer
 from harness.sources import DataError
 from harness.tokenise import prepare_data
 from tests.helpers.cli import run_cli
+from tests.helpers.models import make_examples
 
 # ChatML without generation markers: assistant spans must come from prefix rendering.
 PLAIN_CHATML = (
@@ -51,6 +56,7 @@ def assets(tmp_path_factory):
     tok.save_pretrained(model_dir)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    torch.manual_seed(12345)  # the checkpoint's weights, whatever earlier tests left in the global generator
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rows = {split: [{"id": f"{split}_{i}", "source": "unit", "messages": conversation(i)} for i in range(n)]
             for split, n in (("train", 40), ("validation", 12))}
@@ -110,6 +116,98 @@ def test_tokenizer_without_chat_template_needs_one(assets, tmp_path):
     assert load_tokenizer(model_cfg(tmp_path, init="random", chat_template=PLAIN_CHATML)).chat_template == PLAIN_CHATML
 
 
+def test_editing_a_data_file_in_place_changes_the_cache_and_the_fingerprint(assets, tmp_path, monkeypatch):
+    root, model_dir, files, rows = assets
+    train = tmp_path / "train.jsonl"
+    train.write_text(files["train"].read_text())
+    cfg = data_cfg({"train": train, "validation": files["validation"]}, cache_dir=str(tmp_path / "cache"))
+    tok = load_tokenizer(model_cfg(model_dir))
+    monkeypatch.setattr(tokenise, "_BUILT", set())  # as if in a fresh process
+
+    def prepared():
+        data = prepare_data(cfg, tok)
+        order = list(range(len(data.train)))
+        return data, data_fingerprint(data.train, order, data.val), set((tmp_path / "cache").glob("*.arrow"))
+
+    first, first_fp, first_cache = prepared()
+    assert first.cache == "built" and len(first_cache) == 2
+    monkeypatch.setattr(tokenise, "_BUILT", set())  # a later command
+    again, again_fp, again_cache = prepared()
+    assert again.cache == "reused" and again_cache == first_cache and again_fp == first_fp
+
+    edited = [dict(r) for r in rows["train"]]
+    edited[3] = {**edited[3], "messages": conversation(3)[:-1] + [{"role": "assistant", "content": "EDITED"}]}
+    train.write_text("".join(json.dumps(r) + "\n" for r in edited))  # same path, new content
+    monkeypatch.setattr(tokenise, "_BUILT", set())
+    after, after_fp, after_cache = prepared()
+    assert after.cache == "built" and len(after_cache - first_cache) == 2
+    assert after_fp != first_fp
+    tokens = {e.example_id: e.input_ids for e in after.train}
+    assert "EDITED" in tok.decode(tokens["train_3"])
+    assert tokens["train_4"] == {e.example_id: e.input_ids for e in first.train}["train_4"]
+
+
+def test_the_data_fingerprint_follows_content_and_order():
+    a, b = make_examples([5, 9, 7]), make_examples([5, 9, 7])
+    assert data_fingerprint(a, [0, 2], b[:1]) == data_fingerprint(b, [0, 2], a[:1])
+    assert data_fingerprint(a, [0, 2], b) != data_fingerprint(a, [2, 0], b)  # order
+    assert data_fingerprint(a, [0, 2], b) != data_fingerprint(a, [0, 2], b[:1])  # validation set
+    changed = make_examples([5, 9, 7])
+    changed[1].input_ids[4] += 1  # one token of an example the order never reaches
+    assert data_fingerprint(a, [0, 2], b) != data_fingerprint(changed, [0, 2], b)
+
+
+def bad_rows(case: str) -> bytes:
+    good = [{"id": str(i), "messages": conversation(i)} for i in range(8)]
+    lines = [json.dumps(r).encode() for r in good]
+    if case == "empty":
+        return b""
+    if case == "blank":
+        return b"\n  \n"
+    if case == "not_utf8":
+        lines[5] = lines[5].replace(b"a5.0 ", b"caf\xe9 ")  # latin-1
+    if case == "number":
+        lines[6] = json.dumps({"id": "6", "messages": [{"role": "user", "content": 42},
+                                                       {"role": "assistant", "content": "a"}]}).encode()
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", "data.data_files: {train} is empty"),
+    ("blank", "data.data_files: {train} is empty"),
+    ("not_utf8", "data.data_files: {train} line 6 is not UTF-8 text (byte 0xe9 at column"),
+    ("number", "split 'train' row 6, column 'messages', turn 0: content must be text (row 6 is line 7 of {train})"),
+])
+def test_bad_data_files_are_named_with_the_right_row(assets, tmp_path, case, expected):
+    root, model_dir, files, rows = assets
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(bad_rows(case))
+    cfg = data_cfg({"train": train}, val_split=None, val_fraction=0.25)
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, load_tokenizer(model_cfg(model_dir)))
+    assert expected.format(train=train) in str(error.value)
+
+
+def test_a_type_change_that_pyarrow_reports_in_its_own_block_is_found_in_the_file(assets, tmp_path, monkeypatch):
+    """Versions of datasets that cannot mix types pass on pyarrow's error, whose row number
+    counts within a block of the file; the message must name the file's row instead."""
+    root, model_dir, files, rows = assets
+    good = [{"id": str(i), "messages": conversation(i)} for i in range(3000)]
+    good[2500]["messages"][0]["content"] = 7
+    train = write_jsonl(tmp_path / "train.jsonl", good)
+
+    def load_dataset(*args, **kwargs):
+        error = datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset")
+        raise error from pyarrow.ArrowInvalid("JSON parse error: Column(/messages/[]/content) changed from "
+                                              "string to number in row 9")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=rf"{train} row 2500 \(line 2501\): /messages/\[\]/content is a number "
+                                         "where earlier rows have a string"):
+        prepare_data(data_cfg({"train": train}, val_split=None, val_fraction=0.25),
+                     load_tokenizer(model_cfg(model_dir)))
+
+
 def hf_args(model_dir, files, cache_dir, *extra):
     """CLI overrides; `files` is {train, validation} or one file split by data.val_fraction."""
     source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']}}}", "data.val_split=validation"]
@@ -123,6 +221,9 @@ def hf_args(model_dir, files, cache_dir, *extra):
 @pytest.mark.slow
 def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tmp_path):
     root, model_dir, files, rows = assets
+    files = {split: tmp_path / path.name for split, path in files.items()}  # edited below
+    for split, path in files.items():
+        path.write_text((root / path.name).read_text())
     cache = tmp_path / "cache"
     first = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -133,9 +234,9 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == cached
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True)
+    runs = mlflow.search_runs(search_all_experiments=True).sort_values("start_time", ignore_index=True)
     assert (runs.status == "FINISHED").all() and len(runs) == 2
-    assert set(runs["tags.tokenisation_cache"]) == {"reused"}
+    assert list(runs["tags.tokenisation_cache"]) == ["built", "reused"]
     too_long = sum(render_len(r["messages"]) > MAX_SEQ_LEN for r in rows["train"])
     assert (runs["metrics.data/train/dropped_too_long"] == too_long).all()
     run_id = runs.run_id.iloc[0]
@@ -147,6 +248,18 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     for row in df.itertuples():
         assert row.target_tokens == expected_target_tokens(by_id[row.example_id])
         assert row.seq_len == render_len(by_id[row.example_id])
+
+    # the same command after editing the training file in place: new tokens, new cache, new fingerprint
+    edited = [dict(r) for r in rows["train"]]
+    edited[0]["messages"] = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "edited reply"}]
+    write_jsonl(files["train"], edited)
+    third = run_cli(hf_args(model_dir, files, cache), tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert len(set(cache.glob("*.arrow")) - set(cached)) == 2
+    runs = mlflow.search_runs(search_all_experiments=True).sort_values("start_time", ignore_index=True)
+    assert runs["tags.tokenisation_cache"].iloc[2] == "built"
+    assert runs["tags.data_fingerprint"].iloc[2] != runs["tags.data_fingerprint"].iloc[0]
+    assert runs["tags.pair_id"].iloc[2] == runs["tags.pair_id"].iloc[0]  # same config: the analysis refuses to pair them
 
 
 def write_jsonl(path, rows):
@@ -164,6 +277,9 @@ def write_jsonl(path, rows):
     ("no_model", "no such folder"),
     ("no_weights", "folder holds no safetensors weights"),
     ("all_dropped", "every training example was dropped"),
+    ("empty_file", "train.jsonl is empty"),
+    ("not_utf8", "train.jsonl line 6 is not UTF-8 text (byte 0xe9"),
+    ("number_content", "split 'train' row 6, column 'messages', turn 0: content must be text (row 6 is line 7 of"),
 ])
 def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
     root, model_dir, files, rows = assets
@@ -181,6 +297,8 @@ def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
                                                                  {"role": "robot", "content": "b"}]}])
     elif case == "no_assistant":
         write_jsonl(train, [{"id": "x", "messages": [{"role": "user", "content": "a"}]}] + good)
+    elif case in ("empty_file", "not_utf8", "number_content"):
+        train.write_bytes(bad_rows({"empty_file": "empty", "not_utf8": "not_utf8", "number_content": "number"}[case]))
     else:
         write_jsonl(train, good)
     model = model_dir

@@ -1,7 +1,7 @@
 """Gradients of every reduction mode against its formula, written out here, per example.
 
 The reference computes each example's token NLLs alone (no padding, no packing), then
-weights them as the README's table says; the harness path (`train_step`) batches, pads or
+weights them as the README's table says; the harness path (`train_step`: plan_step, run_step) batches, pads or
 packs, splits across micro-batches and ranks, and uses harness.reduction.
 """
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.reduction import MODES
+from harness.reduction import MODES, auto_loss_scale
 from tests.helpers.gradients import (EQUAL, LOSS_SCALE, TOL, TWO_RANK_LAYOUTS, UNEQUAL, chunks_of, formula_grad,
                                      harness_grad, two_rank_worker)
 from tests.helpers.models import make_examples, rel_err
@@ -104,3 +104,9 @@ def test_two_ranks_with_gloo_match_formula(tmp_path):
         assert torch.equal(got, per_rank[1][(mode, layout)])  # DDP leaves both ranks the same gradient
         assert rel_err(got, formula_grad(examples, mode, chunks_of(8, chunks))) <= TOL, (mode, layout)
         assert rel_err(got, harness_grad(examples, mode, chunks)) <= TOL, (mode, layout)
+
+
+def test_auto_loss_scale_is_one_over_mean_target_tokens_per_step():
+    target_tokens = [10, 20, 30, 40]
+    steps = [[0, 1], [2, 3], [0, 3]]  # N = 30, 70, 50: mean 50
+    assert auto_loss_scale(target_tokens, steps) == pytest.approx(1 / 50)

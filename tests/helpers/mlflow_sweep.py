@@ -2,22 +2,29 @@
 
 from pathlib import Path
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from analysis.load import RUN_METRICS
 from harness import artifacts
 
 
-def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True) -> str:
+def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True, experiment: str = "reduce-loss") -> str:
     """Log `data` (analysis.load.RunData) as a sweep: a parent run and one child per run."""
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name("reduce-loss")
-    exp = found.experiment_id if found else client.create_experiment("reduce-loss",
-                                                                      artifact_location=(tmp / "artifacts").as_uri())
+    found = client.get_experiment_by_name(experiment)
+    exp = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=(tmp / "artifacts" / experiment).as_uri())
     parent = client.create_run(exp, run_name="sweep").info.run_id
     for run in data.runs.itertuples():
         tags = {k: getattr(run, k) for k in artifacts.RUN_TAGS}
+        for k in (artifacts.TAG_FLAG, artifacts.TAG_FLAG_REASON, artifacts.TAG_ERROR):  # when the run has them
+            if isinstance(getattr(run, k, None), str):
+                tags[k] = getattr(run, k)
         child = client.create_run(exp, run_name=run.run_name, tags=tags | {"mlflow.parentRunId": parent}).info.run_id
         folder = tmp / "files" / child
+        loss = data.curves[data.curves.run_id == run.run_id].value
+        losses = [3.0 - 0.1 * step for step in (1, 2, 3)] if loss.notna().all() else [3.0, float("nan"), float("nan")]
         (folder / artifacts.EVAL_DIR).mkdir(parents=True)
         for step, part in data.evals[data.evals.run_id == run.run_id].groupby("step"):
             part[artifacts.EVAL_COLUMNS].to_parquet(folder / artifacts.EVAL_DIR / artifacts.eval_file(step))
@@ -26,7 +33,10 @@ def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True) -> str:
         grads = data.grad_weights[data.grad_weights.run_id == run.run_id][artifacts.GRAD_WEIGHT_COLUMNS]
         grads.to_parquet(folder / artifacts.GRAD_WEIGHT_FILE)
         client.log_artifact(child, str(folder / artifacts.GRAD_WEIGHT_FILE), artifacts.TRAIN_DIR)
-        for step in (1, 2, 3):
-            client.log_metric(child, artifacts.TRAIN_LOSS_METRIC, 3.0 - 0.1 * step, step=step)
-        client.set_terminated(child, "FINISHED")
+        for step, value in zip((1, 2, 3), losses):
+            client.log_metric(child, artifacts.TRAIN_LOSS_METRIC, value, step=step)
+        for column, metric in RUN_METRICS.items():  # end-of-run metrics, where `data.runs` has them
+            if column in data.runs and pd.notna(getattr(run, column)):
+                client.log_metric(child, metric, float(getattr(run, column)), step=3)
+        client.set_terminated(child, run.status)
     return parent

@@ -1,0 +1,102 @@
+"""Set-up and precision of a training run, in process."""
+
+import logging
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness import artifacts
+from harness.config import CONF_DIR, CONFIG_NAME, pair_key
+from harness.distributed import World
+from harness.model import build_model
+from harness.chat_tokenizer import build_char_tokenizer
+from harness.step import train_step
+from harness.train import autocast_dtype, set_up
+from tests.helpers.cli import QUICK
+from tests.helpers.gradients import UNEQUAL
+from tests.helpers.models import make_examples, tiny_model
+
+
+def config(overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(CONFIG_NAME, overrides=overrides)
+
+
+def test_auto_loss_scale_is_computed_from_the_training_order_and_shared_by_the_pair():
+    cfgs = {mode: config([f"reduce_loss={mode}", "loss_scale=auto", *QUICK]) for mode in ("mean", "sum")}
+    assert pair_key(cfgs["mean"]) == pair_key(cfgs["sum"])
+    runs = {mode: set_up(cfg, World(), torch.device("cpu")) for mode, cfg in cfgs.items()}
+    mean, summed = runs["mean"], runs["sum"]
+    tokens_per_step = [sum(summed.data.train[i].target_tokens for i in step) for step in summed.steps]
+    assert len(tokens_per_step) == 6 and len(set(tokens_per_step)) > 1
+    assert summed.loss_scale == pytest.approx(len(tokens_per_step) / sum(tokens_per_step))
+    assert mean.loss_scale == summed.loss_scale
+    for tag in (artifacts.TAG_PAIR, artifacts.TAG_LOSS_SCALE, artifacts.TAG_INIT, artifacts.TAG_DATA):
+        assert mean.identity[tag] == summed.identity[tag], tag
+    assert float(summed.identity[artifacts.TAG_LOSS_SCALE]) == summed.loss_scale
+
+
+def test_a_number_is_used_as_given():
+    run = set_up(config(["reduce_loss=sum", "loss_scale=0.25", *QUICK]), World(), torch.device("cpu"))
+    assert run.loss_scale == 0.25 and run.identity[artifacts.TAG_LOSS_SCALE] == "0.25"
+
+
+@pytest.mark.parametrize("precision, device, expected", [
+    ("auto", "cpu", None), ("auto", "cuda", torch.bfloat16), ("fp32", "cuda", None),
+    ("bf16-mixed", "cpu", torch.bfloat16), ("bf16-mixed", "cuda", torch.bfloat16)])
+def test_precision_auto_is_bf16_autocast_on_cuda_only(precision, device, expected):
+    assert autocast_dtype(precision, torch.device(device)) is expected
+
+
+def test_defaults_keep_float32_weights():
+    cfg = config(["model=hf", "model.name_or_path=any"])
+    assert cfg.model.dtype == "float32" and cfg.trainer.precision == "auto"
+    assert config([]).model.dtype == "float32"
+
+
+def adamw_step_changes(dtype, lr=1e-5, device="cpu") -> float:
+    """Share of the weights with a gradient that one AdamW step at `lr` changes."""
+    model = tiny_model(dtype=dtype).to(device)
+    before = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids).logits.float().square().mean().backward()
+    has_grad = torch.cat([p.grad.flatten() != 0 for p in model.parameters()])
+    torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0).step()
+    after = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    return float((after != before)[has_grad].float().mean())
+
+
+def test_bf16_weights_round_away_small_updates_that_float32_weights_keep():
+    """The first AdamW step moves every weight by about lr; in bfloat16 most such updates are
+    below half a unit in the last place of the weight and are lost."""
+    assert adamw_step_changes(torch.float32) > 0.99
+    assert adamw_step_changes(torch.bfloat16) < 0.3
+
+
+def test_half_precision_weights_are_warned_about(caplog):
+    cfg = config(["model.dtype=bfloat16"]).model
+    with caplog.at_level(logging.WARNING, logger="harness.model"):
+        build_model(cfg, build_char_tokenizer(), seed=0)
+    assert "model.dtype=bfloat16: the weights and AdamW's updates are kept in bfloat16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.model"):
+        build_model(config([]).model, build_char_tokenizer(), seed=0)
+    assert caplog.text == ""
+
+
+@pytest.mark.gpu
+def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
+    """trainer.precision=auto on CUDA: the forward pass in bfloat16, the weights and AdamW's
+    updates in float32, so an update of about lr = 1e-5 reaches every weight with a gradient."""
+    device = torch.device("cuda")
+    model = tiny_model(dtype=torch.float32).to(device)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    train_step(model, optimizer, None, make_examples(UNEQUAL), list(range(len(UNEQUAL))), mode="token_mean",
+               loss_scale=1.0, max_grad_norm=None, grad_accum=2, world=World(), device=device,
+               layout=dict(pad_id=0, packing=False, row_length=128), autocast_dtype=autocast_dtype("auto", device))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    has_grad = torch.cat([p.grad.flatten() != 0 for p in model.parameters()])
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert has_grad.float().mean() > 0.5 and (after != before)[has_grad].float().mean() > 0.99

@@ -12,17 +12,17 @@ work=$(mktemp -d); cd "$work"; mkdir one one_stopped two two_stopped
 
 cat > signal_at.py <<'EOF'
 # python signal_at.py CALL SIGNAL RANK [harness overrides]: the harness, sending SIGNAL to itself
-# (on RANK only) when train_step is called for the CALL-th time.
+# (on RANK only) when run_step is called for the CALL-th time.
 import os, signal, sys
 import harness.train as train
 call, name, rank = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-real, calls = train.train_step, []
-def train_step(*args, **kwargs):
+real, calls = train.run_step, []
+def run_step(*args, **kwargs):
     calls.append(1)
     if len(calls) == call and os.environ.get("RANK", "0") == rank:
         os.kill(os.getpid(), getattr(signal, name))
     return real(*args, **kwargs)
-train.train_step = train_step
+train.run_step = run_step
 sys.argv = ["harness"] + sys.argv[4:]
 from harness.__main__ import main
 main()

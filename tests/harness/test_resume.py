@@ -2,8 +2,6 @@
 
 import subprocess
 
-import mlflow
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -12,8 +10,8 @@ from tests.helpers.cli import QUICK, child_runs, cli_command, run_cli
 CHECKPOINTED = [*QUICK, "trainer.checkpoint_every=2"]  # 6 steps, checkpoints after steps 2 and 4
 
 
-def on_step(n: int, signal_name: str) -> str:
-    """A prelude that sends this process `signal_name` when training step `n` starts."""
+def on_call(n: int, signal_name: str) -> str:
+    """A prelude: the process sends itself `signal_name` when `run_step` is called the n-th time."""
     return f"""
         import os, signal
         import harness.train as train
@@ -27,11 +25,6 @@ def on_step(n: int, signal_name: str) -> str:
     """
 
 
-def all_runs(cwd) -> pd.DataFrame:
-    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
-    return mlflow.search_runs(search_all_experiments=True)
-
-
 def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Every metric point of a run except throughput (wall-clock dependent)."""
     keys = [k for k in client.get_run(run_id).data.metrics if k != "train/tokens_per_s"]
@@ -42,71 +35,66 @@ def artifact_bytes(client: MlflowClient, run_id: str, path: str, dest) -> bytes:
     return open(client.download_artifacts(run_id, path, str(dest)), "rb").read()
 
 
+def by_mode(children) -> dict:
+    return dict(zip(children["tags.reduce_loss"], children.run_id))
+
+
 @pytest.mark.slow
-def test_run_killed_after_a_checkpoint_resumes_into_the_same_run_bitwise(tmp_path):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    reference.mkdir(), interrupted.mkdir()
-    uninterrupted = subprocess.Popen(cli_command(CHECKPOINTED), cwd=reference, stdout=subprocess.DEVNULL,
+def test_a_stopped_then_killed_sweep_resumes_into_its_runs_bitwise_and_then_trains_nothing(tmp_path):
+    """SIGTERM stops the sweep in its first job. The same command resumes that job and is killed
+    (SIGKILL) in the second, after a checkpoint. The same command again finishes the sweep in the
+    same parent and child runs, bitwise equal to a sweep never interrupted. Once more, it trains
+    nothing and adds no runs."""
+    sweep, no_analysis = ["-m", "reduce_loss=mean,sum", *CHECKPOINTED], "hydra.callbacks.sweep_tracking.analyse=false"
+    reference, work = tmp_path / "reference", tmp_path / "work"
+    reference.mkdir(), work.mkdir()
+    uninterrupted = subprocess.Popen(cli_command([*sweep, no_analysis]), cwd=reference, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 
-    killed = run_cli(CHECKPOINTED, interrupted, on_step(6, "SIGKILL"))  # after step 5 was logged
-    assert killed.returncode == -9
-    runs = all_runs(interrupted)
-    assert len(runs) == 1 and runs.status.iloc[0] == "RUNNING"
-    run_id = runs.run_id.iloc[0]
-    [job] = (interrupted / "checkpoints").iterdir()
-    assert sorted(p.name for p in job.glob("step_*")) == ["step_00000002", "step_00000004"]
-
-    resumed = run_cli(CHECKPOINTED, interrupted)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    runs = all_runs(interrupted)
-    assert list(runs.run_id) == [run_id] and runs.status.iloc[0] == "FINISHED"
-    assert runs["tags.resumed_from_step"].iloc[0] == "4"
-    assert not list(job.glob("step_*"))  # a finished run keeps no checkpoints
-
-    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
-    ref_runs = all_runs(reference)
-    ref_client = MlflowClient(f"sqlite:///{reference / 'mlflow.db'}")
-    client = MlflowClient(f"sqlite:///{interrupted / 'mlflow.db'}")
-    ref_id = ref_runs.run_id.iloc[0]
-    history = metric_history(client, run_id)
-    assert [s for s, _ in history["train/loss"]] == [1, 2, 3, 4, 5, 6]  # step 5 trained twice, logged once
-    assert history == metric_history(ref_client, ref_id)
-    for path in ("eval/final.parquet", "eval/step_00000003.parquet", "train/train_grad_weight.parquet"):
-        assert artifact_bytes(client, run_id, path, tmp_path / "a") == artifact_bytes(ref_client, ref_id, path,
-                                                                                      tmp_path / "b"), path
-
-
-@pytest.mark.slow
-def test_sigterm_stops_a_sweep_then_the_same_command_resumes_it_and_then_trains_nothing(tmp_path):
-    sweep = ["-m", "reduce_loss=mean,sum", *CHECKPOINTED, "hydra.callbacks.sweep_tracking.analyse=false"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-    stopped = run_cli(sweep, tmp_path, on_step(3, "SIGTERM"))
+    stopped = run_cli([*sweep, no_analysis], work, on_call(3, "SIGTERM"))  # during mean's step 3
     assert stopped.returncode == 128 + 15
     assert stopped.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM after step 3")
-    parents, children = child_runs(tmp_path)
+    parents, children = child_runs(work)
     assert list(parents.status) == ["KILLED"] and list(children.status) == ["KILLED"]  # sum never started
-    [job] = (tmp_path / "checkpoints").glob("*/step_00000003")
 
-    resumed = run_cli(sweep, tmp_path)
+    killed = run_cli([*sweep, no_analysis], work, on_call(9, "SIGKILL"))  # mean's steps 4-6, then sum's 1-5
+    assert killed.returncode == -9
+    parents2, children2 = child_runs(work)
+    assert list(parents2.run_id) == list(parents.run_id)
+    assert dict(zip(children2["tags.reduce_loss"], children2.status)) == {"mean": "FINISHED", "sum": "RUNNING"}
+    assert by_mode(children2)["mean"] == children.run_id.iloc[0]
+    assert sorted(p.name for p in work.glob("checkpoints/*/step_*")) == ["step_00000002", "step_00000004"]  # sum's
+
+    resumed = run_cli([*sweep, no_analysis], work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    parents2, children2 = child_runs(tmp_path)
-    assert list(parents2.run_id) == list(parents.run_id) and list(parents2.status) == ["FINISHED"]
-    assert len(children2) == 2 and (children2.status == "FINISHED").all()
-    mean = children2.set_index("tags.reduce_loss").loc["mean"]
-    assert mean.run_id == children.run_id.iloc[0] and mean["tags.resumed_from_step"] == "3"
-    assert [m.step for m in client.get_metric_history(mean.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
-    histories = {r: metric_history(client, r) for r in children2.run_id}
+    parents3, children3 = child_runs(work)
+    assert list(parents3.run_id) == list(parents.run_id) and list(parents3.status) == ["FINISHED"]
+    assert by_mode(children3) == by_mode(children2) and (children3.status == "FINISHED").all()
+    assert dict(zip(children3["tags.reduce_loss"], children3["tags.resumed_from_step"])) == {"mean": "3", "sum": "4"}
+    assert not list(work.glob("checkpoints/*/step_*"))  # finished runs keep no checkpoints
 
-    again = run_cli(sweep[:-1], tmp_path)  # the same sweep (hydra.* settings aside), now with its analysis
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    ref_client = MlflowClient(f"sqlite:///{reference / 'mlflow.db'}")
+    ref_ids = by_mode(child_runs(reference)[1])
+    for mode, run_id in by_mode(children3).items():
+        history = metric_history(client, run_id)
+        assert [s for s, _ in history["train/loss"]] == [1, 2, 3, 4, 5, 6]  # sum's step 5 ran twice, logged once
+        assert history == metric_history(ref_client, ref_ids[mode]), mode
+        for path in ("eval/final.parquet", "eval/step_00000003.parquet", "train/train_grad_weight.parquet"):
+            ours = artifact_bytes(client, run_id, path, tmp_path / "ours")
+            assert ours == artifact_bytes(ref_client, ref_ids[mode], path, tmp_path / "ref"), (mode, path)
+
+    histories = {run_id: metric_history(client, run_id) for run_id in children3.run_id}
+
+    again = run_cli(sweep, work)  # the same sweep once more, now with its analysis
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("nothing to train") == 2
-    parents3, children3 = child_runs(tmp_path)
-    assert list(parents3.run_id) == list(parents.run_id) and sorted(children3.run_id) == sorted(children2.run_id)
-    assert {r: metric_history(client, r) for r in children3.run_id} == histories
-    sweep_dirs = sorted(tmp_path.glob("multirun/*/*"), key=lambda d: d.stat().st_mtime)
-    assert len(sweep_dirs) == 3 and (sweep_dirs[-1] / "analysis" / "report.md").exists()
+    parents4, children4 = child_runs(work)
+    assert list(parents4.run_id) == list(parents.run_id) and by_mode(children4) == by_mode(children3)
+    assert {run_id: metric_history(client, run_id) for run_id in children4.run_id} == histories
+    newest = max(work.glob("multirun/*/*"), key=lambda d: d.stat().st_mtime)
+    assert len(list(work.glob("multirun/*/*"))) == 4 and (newest / "analysis" / "report.md").exists()
 
 
 FROZEN_CLOCK = """

@@ -19,6 +19,7 @@ from harness.distributed import world_from_env
 from harness.fingerprint import config_fingerprint
 from harness.jobs import end_orphans, sweep_lock_path
 from harness.preflight import expand_jobs
+from harness.summary import sweep_summary
 from harness.tracking import SWEEP_KEY_TAG, start_parent_run
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not world_from_env().is_main:
             return
-        failed = list(self.failures)
+        failed, results = list(self.failures), None
         try:
-            self._analyse(config)
+            results = self._analyse(config)
         except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
             log.error("analysis of the sweep failed: %s", e)
             failed.append(f"the analysis of the sweep: {e}")
@@ -100,21 +101,21 @@ class SweepTracking(Callback):
             end_open_parent("FAILED" if failed else "FINISHED")
         except Exception as e:  # Hydra would only warn, and exit 0
             failed.append(f"ending the sweep's MLflow run: {e}")
+        print(redact(sweep_summary(Path(config.hydra.sweep.dir), resolve_uri(config.tracking.uri), results, failed)),
+              flush=True)
         if failed:
-            for failure in failed:
-                log.error("failed: %s", failure)
             sys.exit(1)
 
-    def _analyse(self, config: DictConfig) -> None:
+    def _analyse(self, config: DictConfig):
         if not self.analyse:
-            return
+            return None
         from analysis.compute import Options  # the one place the harness reaches the analysis
         from analysis.run import run_analysis
 
         sweep_dir = Path(config.hydra.sweep.dir)
         parent, uri = parent_run_id(sweep_dir), resolve_uri(config.tracking.uri)
         try:
-            run_analysis(uri, sweep_dir / "analysis", Options(), parent_run_id=parent)
+            return run_analysis(uri, sweep_dir / "analysis", Options(), parent_run_id=parent)
         except Exception as e:
             MlflowClient(uri).set_tag(parent, "analysis_error", str(e)[:5000])
             raise

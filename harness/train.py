@@ -184,6 +184,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                          artifacts.GRAD_NORM_MEDIAN_METRIC: float(grad_norms.quantile(0.5))}, step=t.max_steps)
         tracker.metrics({"train/tokens_seen": meter.total}, step=t.max_steps)
         flag_run(guard.flags(), tracker)
+        if val_metrics:
+            log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "
+                     "(example-weighted)", cfg.reduce_loss, cfg.seed, t.max_steps, val_metrics["val/token_loss"],
+                     val_metrics["val/seq_loss"])
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:

@@ -39,7 +39,7 @@ class Results:
     labels: list[str]
     bucket_losses: pd.DataFrame  # step, reduce_loss, bucket, token_loss, example_loss, examples
     paired_diff: pd.DataFrame  # step, reduce_loss, bucket, diff, ci_low, ci_high, se, df, examples, seeds, distinguishable
-    grad_share: pd.DataFrame  # reduce_loss, bucket, share
+    grad_share: pd.DataFrame  # reduce_loss, bucket, share, train_examples, token_share (of training target tokens)
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
     superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
@@ -248,11 +248,13 @@ def grad_share(grad_weights: pd.DataFrame, info: pd.DataFrame, edges: np.ndarray
     """Share of each run's total gradient weight that each length bucket of training examples
     received, averaged over seeds."""
     if grad_weights.empty:
-        return pd.DataFrame(columns=["reduce_loss", "bucket", "share", "train_examples"])
+        return pd.DataFrame(columns=["reduce_loss", "bucket", "share", "train_examples", "token_share"])
     g = grad_weights.join(info, on="run_id")
     g["bucket"] = assign(g[bucket_by].to_numpy(dtype=float), edges)
     per_run = g.groupby(["run_id", "reduce_loss", "bucket"], observed=True).agg(
-        weight=("grad_weight", "sum"), train_examples=("example_id", "size")).reset_index()
+        weight=("grad_weight", "sum"), train_examples=("example_id", "size"), tokens=("target_tokens", "sum")).reset_index()
     per_run["share"] = per_run.weight / per_run.groupby("run_id").weight.transform("sum")
+    per_run["token_share"] = per_run.tokens / per_run.groupby("run_id").tokens.transform("sum")
     return per_run.groupby(["reduce_loss", "bucket"]).agg(
-        share=("share", "mean"), train_examples=("train_examples", "first")).reset_index()
+        share=("share", "mean"), train_examples=("train_examples", "first"),
+        token_share=("token_share", "first")).reset_index()

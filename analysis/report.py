@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import plots
 from analysis.compute import Results
 
 SETUP_PARAMS = [
@@ -181,7 +182,9 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     for caption, why in absent:
         md += ["", f"## {caption}", "", why]
     if images:
-        md += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+        md += ["", "## Plots"]
+        for name in images:
+            md += ["", f"![{plots.CAPTIONS.get(name, name)}]({name})", "", f"*{plots.CAPTIONS.get(name, name)}*"]
     md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in t), ""]
     (out / "report.md").write_text("\n".join(md))
 
@@ -195,7 +198,7 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     body += ["<h2>Plots</h2>"] if images else []
     for name in images:
         data = base64.b64encode((out / name).read_bytes()).decode()
-        body.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')
+        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(plots.CAPTIONS.get(name, name))}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

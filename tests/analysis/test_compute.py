@@ -156,6 +156,17 @@ def test_gradient_share_follows_the_mode_weights():
     assert abs(share["mean"].iloc[0] - 1 / 3) < 0.02  # equal weight per example, equal-count buckets
 
 
+def test_token_share_is_each_buckets_share_of_training_target_tokens():
+    data = simulated_runs(600)
+    res = analyse(data, Options(buckets=3))
+    train = data.grad_weights.drop_duplicates("example_id")
+    bucket = assign(train.seq_len.to_numpy(dtype=float), res.edges)
+    expected = train.target_tokens.groupby(bucket).sum() / train.target_tokens.sum()
+    for mode, part in res.grad_share.groupby("reduce_loss"):
+        assert np.allclose(part.set_index("bucket").token_share.sort_index().to_numpy(), expected.to_numpy()), mode
+    assert expected.iloc[-1] > expected.iloc[0] + 0.2  # long examples hold more tokens: the line is not flat
+
+
 def test_reference_defaults_to_mean_else_token_mean():
     res = analyse(simulated_runs(60, modes=("mean", "sum", "token_mean")), Options())
     assert res.options.reference == "mean" and set(res.paired_diff.reduce_loss) == {"sum", "token_mean"}

@@ -6,6 +6,7 @@ Everything here works on pandas frames and returns frames; nothing plots or writ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -14,6 +15,8 @@ from scipy.stats import t as student_t
 
 from analysis.load import AnalysisError, RunData, require_two_modes
 from harness import artifacts
+
+log = logging.getLogger(__name__)
 
 
 REFERENCES = ("mean", "token_mean", "sum", "seq_mean")  # the default reference, in order of preference
@@ -91,8 +94,12 @@ def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool
 def bucket_edges(values: np.ndarray, opts: Options) -> np.ndarray:
     """Bucket edges [lo, e1, ..., hi] computed once from the validation examples."""
     if opts.edges:
-        inner = np.sort(np.asarray(opts.edges, dtype=float))
-        edges = np.concatenate([[min(values.min(), inner[0])], inner, [max(values.max(), inner[-1]) + 1]])
+        asked = np.unique(np.asarray(opts.edges, dtype=float))
+        inner = asked[(asked > values.min()) & (asked <= values.max())]  # edges outside the data make empty buckets
+        if len(inner) < len(asked):
+            log.warning("--edges %s outside the validation %s range %g-%g left out",
+                        ",".join(f"{e:g}" for e in np.setdiff1d(asked, inner)), opts.bucket_by, values.min(), values.max())
+        edges = np.concatenate([[values.min()], inner, [values.max() + 1]])
     else:
         edges = np.quantile(values, np.linspace(0, 1, opts.buckets + 1))
         edges[-1] += 1  # the top bucket includes the maximum

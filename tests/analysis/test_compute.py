@@ -145,7 +145,17 @@ def test_only_one_mode_is_refused():
 def test_empty_buckets_are_refused():
     data = simulated_runs(50)
     with pytest.raises(AnalysisError, match="leaves empty buckets"):
-        analyse(data, Options(edges=[5000, 6000]))
+        analyse(data, Options(buckets=200))  # more buckets than examples
+
+
+def test_edges_outside_the_data_are_left_out_with_a_warning(caplog):
+    data = simulated_runs(60)
+    seq_len = data.evals.drop_duplicates("example_id").seq_len
+    inside = float(seq_len.median())
+    res = analyse(data, Options(edges=[1, inside, 5000, 6000]))
+    assert res.edges.tolist() == [seq_len.min(), inside, seq_len.max() + 1]
+    assert res.paired_diff.groupby("step").bucket.nunique().eq(2).all()
+    assert "--edges 1,5000,6000 outside the validation seq_len range" in caplog.text
 
 
 def test_gradient_share_follows_the_mode_weights():

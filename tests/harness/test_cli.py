@@ -134,6 +134,7 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli(["--help"], tmp_path)
     assert help_text.returncode == 0 and "reduce_loss" in help_text.stdout
+    assert "+experiment=NAME" in help_text.stdout and "trainer.threads" in help_text.stdout
     cfg = run_cli(["--cfg", "job", "reduce_loss=sum"], tmp_path)
     assert cfg.returncode == 0 and "reduce_loss: sum" in cfg.stdout
     assert not (tmp_path / "mlflow.db").exists()

@@ -70,6 +70,10 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
     assert "analysis/report.html" in logged and "analysis/paired_difference.png" in logged
 
+    parent = client.get_run(parent_id)
+    assert parent.data.params["trainer.max_steps"] == "6" and "seed=0,1" in parent.data.params["sweep_overrides"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's model-training view
     # the sweep ends with its answer: where things are, the differences per bucket, how to open MLflow
     summary = proc.stdout[proc.stdout.index("== sweep finished =="):].splitlines()
     assert f"sweep folder: {sweep_dir.resolve()}" in summary
@@ -83,6 +87,10 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     for row, (_, expected) in zip(table[1:], final.iterrows()):
         assert f"{expected['diff']:+.4f}" in row and f"{expected.ci_low:+.4f}" in row
         assert row.rstrip(" *").split()[-2:] == ["2", str(expected.examples)]  # seeds, examples
+    for _, expected in final.iterrows():  # the headline on the parent run
+        name = f"diff_vs_mean/sum/{expected.bucket_range}"
+        assert parent.data.metrics[name] == pytest.approx(expected["diff"])
+    assert parent.data.metrics["distinguishable_buckets"] == final.distinguishable.sum()
     # each job said its final validation loss, as MLflow has it
     for _, run in children.iterrows():
         assert (f"{run['tags.reduce_loss']} seed {run['tags.seed']}: validation loss at step 6: "

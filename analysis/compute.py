@@ -6,6 +6,7 @@ Everything here works on pandas frames and returns frames; nothing plots or writ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -14,6 +15,8 @@ from scipy.stats import t as student_t
 
 from analysis.load import AnalysisError, RunData, require_two_modes
 from harness import artifacts
+
+log = logging.getLogger(__name__)
 
 
 REFERENCES = ("mean", "token_mean", "sum", "seq_mean")  # the default reference, in order of preference
@@ -39,7 +42,7 @@ class Results:
     labels: list[str]
     bucket_losses: pd.DataFrame  # step, reduce_loss, bucket, token_loss, example_loss, examples
     paired_diff: pd.DataFrame  # step, reduce_loss, bucket, diff, ci_low, ci_high, se, df, examples, seeds, distinguishable
-    grad_share: pd.DataFrame  # reduce_loss, bucket, share
+    grad_share: pd.DataFrame  # reduce_loss, bucket, share, train_examples, token_share (of training target tokens)
     curves: pd.DataFrame  # run_id, reduce_loss, seed, step, value
     final_step: int
     superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
@@ -91,8 +94,12 @@ def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool
 def bucket_edges(values: np.ndarray, opts: Options) -> np.ndarray:
     """Bucket edges [lo, e1, ..., hi] computed once from the validation examples."""
     if opts.edges:
-        inner = np.sort(np.asarray(opts.edges, dtype=float))
-        edges = np.concatenate([[min(values.min(), inner[0])], inner, [max(values.max(), inner[-1]) + 1]])
+        asked = np.unique(np.asarray(opts.edges, dtype=float))
+        inner = asked[(asked > values.min()) & (asked <= values.max())]  # edges outside the data make empty buckets
+        if len(inner) < len(asked):
+            log.warning("--edges %s outside the validation %s range %g-%g left out",
+                        ",".join(f"{e:g}" for e in np.setdiff1d(asked, inner)), opts.bucket_by, values.min(), values.max())
+        edges = np.concatenate([[values.min()], inner, [values.max() + 1]])
     else:
         edges = np.quantile(values, np.linspace(0, 1, opts.buckets + 1))
         edges[-1] += 1  # the top bucket includes the maximum
@@ -248,11 +255,13 @@ def grad_share(grad_weights: pd.DataFrame, info: pd.DataFrame, edges: np.ndarray
     """Share of each run's total gradient weight that each length bucket of training examples
     received, averaged over seeds."""
     if grad_weights.empty:
-        return pd.DataFrame(columns=["reduce_loss", "bucket", "share", "train_examples"])
+        return pd.DataFrame(columns=["reduce_loss", "bucket", "share", "train_examples", "token_share"])
     g = grad_weights.join(info, on="run_id")
     g["bucket"] = assign(g[bucket_by].to_numpy(dtype=float), edges)
     per_run = g.groupby(["run_id", "reduce_loss", "bucket"], observed=True).agg(
-        weight=("grad_weight", "sum"), train_examples=("example_id", "size")).reset_index()
+        weight=("grad_weight", "sum"), train_examples=("example_id", "size"), tokens=("target_tokens", "sum")).reset_index()
     per_run["share"] = per_run.weight / per_run.groupby("run_id").weight.transform("sum")
+    per_run["token_share"] = per_run.tokens / per_run.groupby("run_id").tokens.transform("sum")
     return per_run.groupby(["reduce_loss", "bucket"]).agg(
-        share=("share", "mean"), train_examples=("train_examples", "first")).reset_index()
+        share=("share", "mean"), train_examples=("train_examples", "first"),
+        token_share=("token_share", "first")).reset_index()

@@ -67,16 +67,28 @@ def paired_difference(res: Results, path: Path) -> None:
     plt.close(fig)
 
 
+def smooth(values: np.ndarray, span: float = 0.1) -> np.ndarray:
+    """Exponential moving average over about `span` of the steps, started without bias (as in
+    TensorBoard), so the first steps are not pulled towards zero."""
+    alpha = 1 - 1 / max(2.0, span * len(values))
+    out, avg = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        avg = alpha * avg + (1 - alpha) * v
+        out[i] = avg / (1 - alpha ** (i + 1))
+    return out
+
+
 def training_curves(res: Results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     styles = ["-", "--", ":", "-."]
     seeds = sorted(res.curves.seed.unique())
     for (mode, seed), part in res.curves.sort_values("step").groupby(["reduce_loss", "seed"]):
-        ax.plot(part.step, part.value, styles[seeds.index(seed) % 4], color=_color(mode), lw=1,
-                label=f"{mode}, seed {seed}")
+        style = styles[seeds.index(seed) % 4]
+        ax.plot(part.step, part.value, style, color=_color(mode), lw=0.6, alpha=0.25)
+        ax.plot(part.step, smooth(part.value.to_numpy()), style, color=_color(mode), lw=1.5, label=f"{mode}, seed {seed}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss: token-mean NLL of the step (nats)")
-    ax.set_title(f"Training loss{_suffix(res)}")
+    ax.set_title(f"Training loss, smoothed (raw per-step values faint){_suffix(res)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -117,6 +129,9 @@ def gradient_share(res: Results, path: Path) -> None:
     for i, mode in enumerate(modes):
         part = share[share.reduce_loss == mode]
         ax.bar(part.bucket + (i - (len(modes) - 1) / 2) * width, 100 * part.share, width, color=_color(mode), label=mode)
+    tokens = share.drop_duplicates("bucket")
+    ax.hlines(100 * tokens.token_share, tokens.bucket - 0.45, tokens.bucket + 0.45, colors="black", lw=1.5,
+              label="share of training target tokens")
     _xaxis(ax, res)
     ax.set_xlabel(f"training-example {res.options.bucket_by} bucket (tokens)")
     ax.set_ylabel("share of total gradient weight (%)")
@@ -134,6 +149,21 @@ PLOTS = {
     "train_loss.png": training_curves,
     "val_loss_by_bucket_over_steps.png": loss_over_steps,
     "gradient_weight_share.png": gradient_share,
+}
+
+
+CAPTIONS = {
+    "val_loss_by_bucket.png": "Validation loss of each reduction per length bucket at the final step, token-weighted "
+                              "(left) and example-weighted (right).",
+    "paired_difference.png": "Paired difference of per-example validation loss against the reference, per length "
+                             "bucket at the final step, with its interval; below zero the mode does better.",
+    "train_loss.png": "Training loss (token-mean NLL of each step) over optimizer steps: smoothed lines over the "
+                      "faint raw per-step values.",
+    "val_loss_by_bucket_over_steps.png": "Token-weighted validation loss of each length bucket at every "
+                                         "evaluation during training.",
+    "gradient_weight_share.png": "Share of the total gradient weight that training examples of each length bucket "
+                                 "received over the run; the black line is the bucket's share of training target "
+                                 "tokens (where a reduction that weighs every token the same would sit).",
 }
 
 

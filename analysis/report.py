@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import plots
 from analysis.compute import Results
 
 SETUP_PARAMS = [
@@ -86,8 +87,13 @@ def sentences(res: Results) -> list[str]:
         verdict = (f"distinguishable from zero ({row.reduce_loss} is {'worse' if row.diff > 0 else 'better'})"
                    if row.distinguishable else "not distinguishable from zero")
         out.append(f"{res.options.bucket_by} {res.labels[row.bucket]} ({row.examples} examples, {_seeds(row.seeds)}): "
-                   f"{row.reduce_loss} − {ref} = {row.diff:+.4f} nats/token, {pct}% CI "
+                   f"{row.reduce_loss} − {ref} = {row.diff:+.4f} nats/token (example-weighted), {pct}% CI "
                    f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]: {verdict}.")
+    if len(final) > 1:
+        out.append(f"These are {len(final)} separate {pct}% intervals, not adjusted for multiple comparisons: with no "
+                   f"real difference anywhere, about {100 - pct}% of them would still exclude zero by chance, so one "
+                   "distinguishable bucket among many is weak evidence; look for a consistent pattern over "
+                   "buckets and seeds.")
     return out
 
 
@@ -138,8 +144,14 @@ def _final_tables(res: Results, t: dict[str, pd.DataFrame]) -> dict[str, pd.Data
     losses = t["bucket_losses"][t["bucket_losses"].step == res.final_step].pivot(
         index="bucket_range", columns="reduce_loss", values="token_loss")
     diff = t["paired_difference"][t["paired_difference"].step == res.final_step].drop(columns=["step", "bucket"])
-    shown = {f"Token-weighted validation loss (nats/token), step {res.final_step}": losses.loc[res.labels].round(4),
-             f"Paired difference against {res.options.reference}": diff.round(4)}
+    example_losses = t["bucket_losses"][t["bucket_losses"].step == res.final_step].pivot(
+        index="bucket_range", columns="reduce_loss", values="example_loss")
+    shown = {f"Token-weighted validation loss (nats/token: each token weighs the same), step {res.final_step}":
+             losses.loc[res.labels].round(4),
+             f"Example-weighted validation loss (each example's mean nats/token, averaged over examples), "
+             f"step {res.final_step}": example_losses.loc[res.labels].round(4),
+             f"Paired difference against {res.options.reference} (example-weighted: mode − "
+             f"{res.options.reference} of each example's mean loss; the findings use these)": diff.round(4)}
     if not res.grad_share.empty:
         share = t["gradient_weight_share"].pivot(index="bucket_range", columns="reduce_loss", values="share")
         shown["Share of gradient weight during training (%)"] = (100 * share.loc[res.labels]).round(1)
@@ -166,11 +178,13 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     md = [f"# {title}", "", "## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup]
     md += ["", "## Findings", ""] + [f"- {s}" for s in said]
     for caption, df in shown.items():
-        md += ["", f"## {caption}", "", df.to_markdown() if _has_tabulate() else df.to_string()]
+        md += ["", f"## {caption}", "", _markdown(df)]
     for caption, why in absent:
         md += ["", f"## {caption}", "", why]
     if images:
-        md += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+        md += ["", "## Plots"]
+        for name in images:
+            md += ["", f"![{plots.CAPTIONS.get(name, name)}]({name})", "", f"*{plots.CAPTIONS.get(name, name)}*"]
     md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in t), ""]
     (out / "report.md").write_text("\n".join(md))
 
@@ -178,22 +192,19 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     body += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in setup] + ["</ul>"]
     body += ["<h2>Findings</h2><ul>"] + [f"<li>{html.escape(s)}</li>" for s in said] + ["</ul>"]
     for caption, df in shown.items():
-        body += [f"<h2>{html.escape(caption)}</h2>", df.to_html(border=0)]
+        body += [f"<h2>{html.escape(caption)}</h2>", df.to_html(border=0, index=df.index.name is not None)]
     for caption, why in absent:
         body += [f"<h2>{html.escape(caption)}</h2>", f"<p>{html.escape(why)}</p>"]
     body += ["<h2>Plots</h2>"] if images else []
     for name in images:
         data = base64.b64encode((out / name).read_bytes()).decode()
-        body.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')
+        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(plots.CAPTIONS.get(name, name))}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                                      f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _markdown(df: pd.DataFrame) -> str:
+    """A Markdown table; the index is a column only when it names something (e.g. the bucket)."""
+    return df.to_markdown(index=df.index.name is not None)

@@ -43,7 +43,7 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         raise
     if parent_run_id:
         MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
-    log.info("analysis of %d runs written to %s", len(runs), out)
+    log.info("analysis of %d runs written to %s", len(runs), out.resolve())
     return results
 
 

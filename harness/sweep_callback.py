@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +21,7 @@ from harness.distributed import world_from_env
 from harness.fingerprint import config_fingerprint
 from harness.jobs import end_orphans, sweep_lock_path
 from harness.preflight import expand_jobs
+from harness.summary import sweep_summary
 from harness.tracking import SWEEP_KEY_TAG, start_parent_run
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,9 @@ class SweepTracking(Callback):
             sys.exit(f"error: cannot start the sweep's MLflow run in {config.tracking.uri}: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         _open_parent = (resolve_uri(config.tracking.uri), parent)
+        params = {k: redact(str(OmegaConf.select(config, k))) for k in SWEEP_PARAMS if OmegaConf.select(config, k) is not None}
+        MlflowClient(_open_parent[0]).log_batch(parent, params=[Param(k, v[:6000]) for k, v in
+                                                                (params | {"sweep_overrides": overrides}).items()])
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:
@@ -90,9 +96,9 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not world_from_env().is_main:
             return
-        failed = list(self.failures)
+        failed, results = list(self.failures), None
         try:
-            self._analyse(config)
+            results = self._analyse(config)
         except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
             log.error("analysis of the sweep failed: %s", e)
             failed.append(f"the analysis of the sweep: {e}")
@@ -100,21 +106,41 @@ class SweepTracking(Callback):
             end_open_parent("FAILED" if failed else "FINISHED")
         except Exception as e:  # Hydra would only warn, and exit 0
             failed.append(f"ending the sweep's MLflow run: {e}")
+        print(redact(sweep_summary(Path(config.hydra.sweep.dir), resolve_uri(config.tracking.uri), results, failed)),
+              flush=True)
         if failed:
-            for failure in failed:
-                log.error("failed: %s", failure)
             sys.exit(1)
 
-    def _analyse(self, config: DictConfig) -> None:
+    def _analyse(self, config: DictConfig):
         if not self.analyse:
-            return
+            return None
         from analysis.compute import Options  # the one place the harness reaches the analysis
         from analysis.run import run_analysis
 
         sweep_dir = Path(config.hydra.sweep.dir)
         parent, uri = parent_run_id(sweep_dir), resolve_uri(config.tracking.uri)
         try:
-            run_analysis(uri, sweep_dir / "analysis", Options(), parent_run_id=parent)
+            results = run_analysis(uri, sweep_dir / "analysis", Options(), parent_run_id=parent)
         except Exception as e:
             MlflowClient(uri).set_tag(parent, "analysis_error", str(e)[:5000])
             raise
+        log_headline(MlflowClient(uri), parent, results)
+        return results
+
+
+# The sweep's settings worth seeing on its parent run (every job's full config is on its own run).
+SWEEP_PARAMS = ["model.name_or_path", "model.kind", "data.kind", "data.path", "trainer.max_steps",
+                "trainer.batch_size", "trainer.lr", "trainer.max_grad_norm", "loss_scale"]
+
+
+def log_headline(client: MlflowClient, parent: str, results) -> None:
+    """The answer on the parent run: per mode and bucket, the final paired difference against the
+    reference and its interval (example-weighted), and how many intervals exclude zero."""
+    final = results.paired_diff[results.paired_diff.step == results.final_step]
+    metrics = {"distinguishable_buckets": float(final.distinguishable.sum())}
+    for row in final.itertuples():
+        name = f"diff_vs_{results.options.reference}/{row.reduce_loss}/{results.labels[int(row.bucket)]}"
+        metrics |= {name: row.diff, f"{name}/ci_low": row.ci_low, f"{name}/ci_high": row.ci_high}
+    step = results.final_step
+    client.log_batch(parent, metrics=[Metric(k, float(v), int(time.time() * 1000), step)
+                                      for k, v in metrics.items() if v == v])

@@ -33,6 +33,10 @@ def store_lock(uri: str):
     return nullcontext()
 
 
+# MLflow 3's UI opens an experiment with this tag in its model-training view (not the GenAI one).
+MODEL_TRAINING = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment's id (creating both)."""
     uri = resolve_uri(tracking_cfg.uri)
@@ -43,7 +47,7 @@ def experiment_id(tracking_cfg) -> str:
         if experiment is not None:
             return experiment.experiment_id
         root = tracking_cfg.get("artifact_location") or _default_artifact_root(uri)
-        return client.create_experiment(tracking_cfg.experiment, artifact_location=root)
+        return client.create_experiment(tracking_cfg.experiment, artifact_location=root, tags=MODEL_TRAINING)
 
 
 def runs_tagged(tracking_cfg, tag: str, value: str | None = None, status: str | None = None) -> list:

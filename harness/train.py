@@ -44,6 +44,15 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
+def set_threads(setting, device: torch.device) -> None:
+    """torch's CPU threads. `auto`: one when training on the CPU, where the small default model
+    spends more time synchronising threads than computing (README has the measurement)."""
+    if setting == "auto":
+        setting = 1 if device.type == "cpu" else None
+    if setting is not None:
+        torch.set_num_threads(setting)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bfloat16 autocast over the model's own (float32 by default) weights: asked for with
     `bf16-mixed`, or `auto` on CUDA. None: the forward pass runs in the weights' dtype."""
@@ -106,6 +115,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     t = cfg.trainer
     world = distributed.world_from_env()
     device = pick_device(t.device, world)
+    set_threads(t.threads, device)
     distributed.init(world, device)
     run = set_up(cfg, world, device)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -165,6 +175,10 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
         tally.log(train_set, out_dir, tracker, world)
+        if val_metrics:
+            log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "
+                     "(example-weighted)", cfg.reduce_loss, cfg.seed, t.max_steps, val_metrics["val/token_loss"],
+                     val_metrics["val/seq_loss"])
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:

@@ -145,7 +145,17 @@ def test_only_one_mode_is_refused():
 def test_empty_buckets_are_refused():
     data = simulated_runs(50)
     with pytest.raises(AnalysisError, match="leaves empty buckets"):
-        analyse(data, Options(edges=[5000, 6000]))
+        analyse(data, Options(buckets=200))  # more buckets than examples
+
+
+def test_edges_outside_the_data_are_left_out_with_a_warning(caplog):
+    data = simulated_runs(60)
+    seq_len = data.evals.drop_duplicates("example_id").seq_len
+    inside = float(seq_len.median())
+    res = analyse(data, Options(edges=[1, inside, 5000, 6000]))
+    assert res.edges.tolist() == [seq_len.min(), inside, seq_len.max() + 1]
+    assert res.paired_diff.groupby("step").bucket.nunique().eq(2).all()
+    assert "--edges 1,5000,6000 outside the validation seq_len range" in caplog.text
 
 
 def test_gradient_share_follows_the_mode_weights():
@@ -154,6 +164,17 @@ def test_gradient_share_follows_the_mode_weights():
     assert np.allclose(share.sum(), 1.0)
     assert share["sum"].iloc[-1] > share["mean"].iloc[-1]  # sum weighs long examples by their tokens
     assert abs(share["mean"].iloc[0] - 1 / 3) < 0.02  # equal weight per example, equal-count buckets
+
+
+def test_token_share_is_each_buckets_share_of_training_target_tokens():
+    data = simulated_runs(600)
+    res = analyse(data, Options(buckets=3))
+    train = data.grad_weights.drop_duplicates("example_id")
+    bucket = assign(train.seq_len.to_numpy(dtype=float), res.edges)
+    expected = train.target_tokens.groupby(bucket).sum() / train.target_tokens.sum()
+    for mode, part in res.grad_share.groupby("reduce_loss"):
+        assert np.allclose(part.set_index("bucket").token_share.sort_index().to_numpy(), expected.to_numpy()), mode
+    assert expected.iloc[-1] > expected.iloc[0] + 0.2  # long examples hold more tokens: the line is not flat
 
 
 def test_reference_defaults_to_mean_else_token_mean():

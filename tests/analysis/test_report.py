@@ -1,6 +1,8 @@
 """report.md from constructed runs, in process: what it states about seeds, clipping and
 sections it leaves out."""
 
+import re
+
 import pandas as pd
 
 from analysis import report
@@ -15,7 +17,7 @@ def write_report(data, tmp_path, images=()) -> str:
 
 
 def findings(md: str) -> list[str]:
-    return [line for line in md.splitlines() if "nats/token, 95% CI" in line]
+    return [line for line in md.splitlines() if "nats/token (example-weighted), 95% CI" in line]
 
 
 def with_clipping(data, fractions: dict[str, float], norms: dict[str, float], threshold="1.0"):
@@ -56,8 +58,7 @@ def test_no_clipping_statement_when_clipping_is_rare(tmp_path):
     md = write_report(data, tmp_path)
     assert "Clipping dominates" not in md and "Clipping shapes" not in md and "times mean's" not in md
     clipping_rows = md.split("## Clipping:")[1].splitlines()
-    cells = [row.strip("| ") for row in clipping_rows]  # a Markdown table, or plain text without tabulate
-    assert any(row.startswith("mean") and row.endswith("None") for row in cells)  # clipping off, shown
+    assert any(row.startswith("| mean") and row.rstrip(" |").endswith("None") for row in clipping_rows)  # clipping off
 
 
 def test_absent_sections_say_why(tmp_path):
@@ -76,3 +77,27 @@ def test_resolved_loss_scale_is_shown_beside_auto(tmp_path):
     data.runs["loss_scale_value"] = repr(1 / 211.25)
     md = write_report(data, tmp_path)
     assert "- **loss_scale (sum)**: auto (= 0.004734)" in md
+
+
+def markdown_table(md: str, heading_start: str) -> pd.DataFrame:
+    """The Markdown table under the first `## heading_start...` heading, as strings."""
+    section = md.split(f"## {heading_start}")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert re.fullmatch(r"\|(:?-+:?\|)+", rows[1].replace(" ", "")), rows[1]  # the Markdown separator row
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return pd.DataFrame(cells[2:], columns=cells[0])
+
+
+def test_tables_are_markdown_and_findings_subtract_from_the_table_beside_them(tmp_path):
+    md = write_report(simulated_runs(90, seeds=(0,)), tmp_path)
+    tokens = markdown_table(md, "Token-weighted validation loss").set_index("bucket_range").astype(float)
+    examples = markdown_table(md, "Example-weighted validation loss").set_index("bucket_range").astype(float)
+    diff = markdown_table(md, "Paired difference against mean")
+    assert list(diff.columns[:3]) == ["reduce_loss", "bucket_range", "diff"]  # no stray pandas index
+    assert not tokens.equals(examples)  # the two weightings differ on these data
+    assert len(findings(md)) == len(examples) == 3
+    for line, (bucket, row) in zip(findings(md), examples.iterrows()):
+        stated = float(re.search(r"sum − mean = ([-+]\d+\.\d+)", line).group(1))
+        assert abs(stated - (row["sum"] - row["mean"])) <= 2e-4, (line, row)  # rounding of both tables
+        assert f"seq_len {bucket} " in line
+    assert "not adjusted for multiple comparisons" in md and "3 separate 95% intervals" in md

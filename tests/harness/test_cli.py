@@ -70,6 +70,32 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
     assert "analysis/report.html" in logged and "analysis/paired_difference.png" in logged
 
+    parent = client.get_run(parent_id)
+    assert parent.data.params["trainer.max_steps"] == "6" and "seed=0,1" in parent.data.params["sweep_overrides"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's model-training view
+    # the sweep ends with its answer: where things are, the differences per bucket, how to open MLflow
+    summary = proc.stdout[proc.stdout.index("== sweep finished =="):].splitlines()
+    assert f"sweep folder: {sweep_dir.resolve()}" in summary
+    assert f"report:       {(sweep_dir / 'analysis' / 'report.html').resolve()}" in summary
+    assert summary[-1] == f"open the runs: mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    table = summary[summary.index(next(l for l in summary if l.startswith("validation loss at step 6"))) + 1:-2]
+    assert "example-weighted" in summary[summary.index(table[0]) - 1] and "seeds" in table[0]
+    analysed = pd.read_csv(sweep_dir / "analysis" / "paired_difference.csv")
+    final = analysed[analysed.step == 6]
+    assert len(table) == 1 + len(final)  # header, then one row per bucket
+    for row, (_, expected) in zip(table[1:], final.iterrows()):
+        assert f"{expected['diff']:+.4f}" in row and f"{expected.ci_low:+.4f}" in row
+        assert row.rstrip(" *").split()[-2:] == ["2", str(expected.examples)]  # seeds, examples
+    for _, expected in final.iterrows():  # the headline on the parent run
+        name = f"diff_vs_mean/sum/{expected.bucket_range}"
+        assert parent.data.metrics[name] == pytest.approx(expected["diff"])
+    assert parent.data.metrics["distinguishable_buckets"] == final.distinguishable.sum()
+    # each job said its final validation loss, as MLflow has it
+    for _, run in children.iterrows():
+        assert (f"{run['tags.reduce_loss']} seed {run['tags.seed']}: validation loss at step 6: "
+                f"{run['metrics.val/token_loss']:.4f} per token") in proc.stdout
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override, expected", [
@@ -107,12 +133,16 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert status == {"sum": "FAILED", "mean": "FINISHED"}
     assert "injected failure" in children.set_index("tags.reduce_loss").loc["sum", "tags.error"]
     assert parents.status.iloc[0] == "FAILED"
+    summary = proc.stdout[proc.stdout.index("== sweep finished WITH FAILURES =="):]
+    assert "FAILED: ['reduce_loss=sum'" in summary and "injected failure" in summary
+    assert "mlflow ui --backend-store-uri sqlite:///" in summary.splitlines()[-1]
 
 
 @pytest.mark.slow
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli(["--help"], tmp_path)
     assert help_text.returncode == 0 and "reduce_loss" in help_text.stdout
+    assert "+experiment=NAME" in help_text.stdout and "trainer.threads" in help_text.stdout
     cfg = run_cli(["--cfg", "job", "reduce_loss=sum"], tmp_path)
     assert cfg.returncode == 0 and "reduce_loss: sum" in cfg.stdout
     assert not (tmp_path / "mlflow.db").exists()

@@ -149,3 +149,12 @@ def test_credentials_are_redacted_from_text_params_and_logs(caplog):
     assert params == {"tracking.uri": "http://***@host", "seed": "1"}
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "store %s", ("http://bob:pw@host",), None)
     assert RedactCredentials().filter(record) and record.getMessage() == "store http://***@host"
+
+
+@pytest.mark.parametrize("value, accepted", [("auto", True), ("null", True), ("2", True), ("0", False), ("abc", False)])
+def test_trainer_threads_is_auto_null_or_a_positive_count(value, accepted):
+    if accepted:
+        check_command_line([f"trainer.threads={value}"])
+    else:
+        with pytest.raises(InputError, match="trainer.threads="):
+            check_command_line([f"trainer.threads={value}"])

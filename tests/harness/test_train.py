@@ -100,3 +100,23 @@ def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
     has_grad = torch.cat([p.grad.flatten() != 0 for p in model.parameters()])
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert has_grad.float().mean() > 0.5 and (after != before)[has_grad].float().mean() > 0.99
+
+
+def test_threads_auto_is_one_on_the_cpu_and_null_leaves_torchs_choice():
+    import torch
+
+    from harness.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        set_threads(None, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+        set_threads("auto", torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        set_threads(2, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+        set_threads("auto", torch.device("cuda"))  # a GPU run keeps torch's default for its CPU work
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -132,13 +132,14 @@ def _first_line(run: pd.Series, tag: str) -> str:
 
 
 def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.DataFrame:
-    """Runs as one row each (run_id, status, tags.*, params.*, metrics.*), read from the
+    """Runs as one row each (run_id, status, start_time, tags.*, params.*, metrics.*), read from the
     client's store (never the process-wide tracking URI)."""
     rows, token = [], None
     while True:
         page = client.search_runs(experiment_ids, filter_string=query, max_results=5000, page_token=token)
         for run in page:
-            row = {"run_id": run.info.run_id, "status": run.info.status}
+            row = {"run_id": run.info.run_id, "status": run.info.status,
+                   "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True)}
             for prefix, values in (("tags", run.data.tags), ("params", run.data.params), ("metrics", run.data.metrics)):
                 row.update({f"{prefix}.{k}": v for k, v in values.items()})
             rows.append(row)

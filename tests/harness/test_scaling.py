@@ -51,3 +51,36 @@ def test_sweep_and_analysis_against_a_real_mlflow_server(tmp_path):
                        tmp_path, module="analysis")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / "again" / "report.md").exists()
+
+
+def _needs(module: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module} (pip install '.[launchers]')")
+
+
+def _assert_local_sweep(tmp_path):
+    parents, children = child_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    assert parents.status.iloc[0] == "FINISHED" and (children.status == "FINISHED").all()
+    assert (children["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]).all()
+    assert sorted(children["tags.reduce_loss"]) == ["mean", "sum"]
+    for tag in ("pair_id", "init_fingerprint", "data_fingerprint"):
+        assert children[f"tags.{tag}"].nunique() == 1, tag
+    reports = list((tmp_path / "multirun").glob("*/*/analysis/report.md"))
+    assert len(reports) == 1
+
+
+@pytest.mark.slow
+@_needs("hydra_plugins.hydra_joblib_launcher")
+def test_joblib_runs_the_jobs_side_by_side_with_pairing_and_analysis(tmp_path):
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "hydra/launcher=gpus", "hydra.launcher.n_jobs=2", *QUICK], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_local_sweep(tmp_path)
+
+
+@pytest.mark.slow
+@_needs("hydra_plugins.hydra_submitit_launcher")
+def test_submitit_local_runs_a_sweep_with_pairing_and_analysis(tmp_path):
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "hydra/launcher=submitit_local", *QUICK], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_local_sweep(tmp_path)

@@ -2,6 +2,7 @@
 through joblib, and submitit (SLURM's launcher, run locally)."""
 
 import importlib.util
+import os
 import time
 
 import pytest
@@ -38,7 +39,7 @@ def _paired_sweep_in(client: MlflowClient) -> tuple:
 
 @pytest.mark.slow
 def test_sweep_and_analysis_against_a_real_mlflow_server(tmp_path):
-    with mlflow_server(tmp_path / "server") as uri:
+    with mlflow_server(tmp_path / "server") as (uri, _):
         proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", *QUICK], tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         parent, children = _paired_sweep_in(MlflowClient(uri))
@@ -51,6 +52,30 @@ def test_sweep_and_analysis_against_a_real_mlflow_server(tmp_path):
                        tmp_path, module="analysis")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / "again" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_server_that_goes_away_mid_run_fails_the_sweep_within_a_bounded_time(tmp_path):
+    prelude = """
+        import os, signal
+        import harness.tracking as tracking
+        log_metrics = tracking.RunLogger.metrics
+        def metrics(self, values, step):
+            if step == 3:  # the server dies in the middle of the first run
+                os.killpg(int(os.environ["SERVER_PID"]), signal.SIGKILL)
+            return log_metrics(self, values, step)
+        tracking.RunLogger.metrics = metrics
+    """
+    with mlflow_server(tmp_path / "server") as (uri, server):
+        os.environ["SERVER_PID"] = str(server.pid)
+        try:
+            started = time.monotonic()
+            proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", *QUICK], tmp_path, prelude)
+            elapsed = time.monotonic() - started
+        finally:
+            del os.environ["SERVER_PID"]
+    assert proc.returncode != 0
+    assert elapsed < 240, elapsed  # MLflow's own retries would take minutes per call
 
 
 def _needs(module: str):

@@ -18,7 +18,7 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(folder: Path, startup_s: float = 120):
-    """Yields the server's URI; the server is killed on the way out."""
+    """Yields (the server's URI, its process); the server is killed on the way out."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -39,7 +39,7 @@ def mlflow_server(folder: Path, startup_s: float = 120):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield uri
+        yield uri, proc
     finally:
         stop(proc)
         log.close()

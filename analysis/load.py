@@ -138,7 +138,8 @@ def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.D
     while True:
         page = client.search_runs(experiment_ids, filter_string=query, max_results=5000, page_token=token)
         for run in page:
-            row = {"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time}
+            row = {"run_id": run.info.run_id, "status": run.info.status,
+                   "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True)}
             for prefix, values in (("tags", run.data.tags), ("params", run.data.params), ("metrics", run.data.metrics)):
                 row.update({f"{prefix}.{k}": v for k, v in values.items()})
             rows.append(row)

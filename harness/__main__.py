@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -14,6 +15,8 @@ from omegaconf import DictConfig
 from harness import signals
 from harness.artifacts import parent_run_id
 from harness.config import CONF_DIR, CONFIG_NAME
+from harness.distributed import world_from_env
+from harness.gpu_slots import claim_gpu
 from harness.preflight import main_or_exit
 from harness.sweep_callback import end_open_parent
 from harness.train import train
@@ -26,11 +29,19 @@ def app(cfg: DictConfig):
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return train(cfg, Path(hc.runtime.output_dir))
+    slot = None
+    if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
+        index, slot = claim_gpu(Path(hc.sweep.dir))  # jobs running side by side get a GPU each
+        torch.cuda.set_device(index)
+        log.info("job %s runs on cuda:%d", hc.job.num, index)
     try:
         return train(cfg, Path(hc.runtime.output_dir), parent_run_id(Path(hc.sweep.dir)))
     except Exception as e:  # the run is marked FAILED in MLflow; the sweep goes on
         log.exception("job %s failed", hc.job.num)
         return {"failed": f"{type(e).__name__}: {e}"}
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 def main() -> None:

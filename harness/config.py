@@ -154,6 +154,15 @@ def job_dirname(num, overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/train.yaml hydra.sweep.subdir
 
 
+def gpu_count() -> int:
+    """Visible CUDA devices, at least 1 (conf/hydra/launcher/gpus.yaml: one job per GPU)."""
+    import torch
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
+
+
 def row_length(data_cfg) -> int:
     """Tokens per packed row."""
     return data_cfg.pack_length or data_cfg.max_seq_len

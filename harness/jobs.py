@@ -40,8 +40,9 @@ def sweep_lock_path(root: Path, key: str) -> Path:
 def end_orphans(tracking_cfg, tag: str, lock_of: Callable[[str], Path], own_key: str) -> None:
     """Mark KILLED the runs a dead process left RUNNING (kill -9, a lost node): runs tagged `tag`
     whose lock file `lock_of(key)` exists and no process holds. Others are left alone."""
+    running = runs_tagged(tracking_cfg, tag, status="RUNNING")  # points MLflow at the store first
     client = MlflowClient()
-    for run in runs_tagged(tracking_cfg, tag, status="RUNNING"):
+    for run in running:
         key = run.data.tags[tag]
         path = lock_of(key)
         if key == own_key or not path.exists():

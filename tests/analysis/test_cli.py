@@ -75,7 +75,7 @@ def test_bad_selection_fails_in_one_line_leaving_nothing(tmp_path, case, expecte
         if case == "old_schema":
             data.runs.loc[0, "schema_version"] = "0"
         parent = log_sweep(uri, tmp_path, data, with_eval=case != "no_artifacts")
-        args += ["--parent-run-id", parent] + (["--edges", "5000,6000"] if case == "empty_buckets" else [])
+        args += ["--parent-run-id", parent] + (["--buckets", "100"] if case == "empty_buckets" else [])
     elif case == "no_experiment":
         log_sweep(uri, tmp_path, simulated_runs(20))
         args += ["--experiment", "nope"]

@@ -125,8 +125,8 @@ def _hf(cfg) -> Source:
         found = bad_file(cfg, cause)
         if found:
             raise DataError(found) from e
-        if not isinstance(e, (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError,
-                              datasets.exceptions.DatasetGenerationError)):
+        if not isinstance(e, (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
+                              datasets.exceptions.DatasetGenerationError)):  # ConnectionError: offline, not cached
             raise
         lines = str(cause).strip().splitlines() or [type(cause).__name__]
         said = lines[0][:300] + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")  # pyarrow: why is last

@@ -84,8 +84,10 @@ class SweepTracking(Callback):
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         _open_parent = (resolve_uri(config.tracking.uri), parent)
         params = {k: redact(str(OmegaConf.select(config, k))) for k in SWEEP_PARAMS if OmegaConf.select(config, k) is not None}
-        MlflowClient(_open_parent[0]).log_batch(parent, params=[Param(k, v[:6000]) for k, v in
-                                                                (params | {"sweep_overrides": overrides}).items()])
+        client = MlflowClient(_open_parent[0])
+        logged = client.get_run(parent).data.params  # a repeated sweep reuses its parent: params stay as first logged
+        client.log_batch(parent, params=[Param(k, v[:6000]) for k, v in
+                                         (params | {"sweep_overrides": overrides}).items() if k not in logged])
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:

@@ -19,6 +19,9 @@ import torch
 from harness import artifacts, distributed
 
 NONE = torch.iinfo(torch.long).max  # "no such step yet"
+# loss_rose needs this many steps: in a shorter run it would compare the first batch with the
+# last one, which differ by their examples more than by what the model learned
+MIN_STEPS_LOSS_ROSE = 5
 QUANTITIES = ("train/loss", "train/grad_norm")
 
 
@@ -69,7 +72,7 @@ class StepGuard:
         nll = distributed.sum_tensor(self.nll).tolist()
         start, end = [n / max(tokens, 1) for n, tokens in zip(nll, self.tokens)]
         found = {}
-        if end > start and min(self.tokens) > 0:
+        if end > start and min(self.tokens) > 0 and self.max_steps >= MIN_STEPS_LOSS_ROSE:
             last = self.max_steps - self.window + 1
             found[artifacts.FLAG_LOSS_ROSE] = (
                 f"training loss rose from {start:.4f} (steps 1-{self.window}) to {end:.4f} "

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from harness import artifacts
 from harness.distributed import World
 from harness.evaluate import evaluate, summary
-from harness.guard import NonFiniteError, StepGuard
+from harness.guard import MIN_STEPS_LOSS_ROSE, NonFiniteError, StepGuard
 from tests.helpers.models import make_examples, tiny_model
 
 NAN, INF = float("nan"), float("inf")
@@ -76,11 +76,13 @@ def test_a_loss_that_ends_above_its_start_is_flagged():
     assert flags == {artifacts.FLAG_LOSS_ROSE: "training loss rose from 4.0000 (steps 1-3) to 4.2000 (steps 28-30)"}
 
 
+@pytest.mark.parametrize("steps, flagged", [(MIN_STEPS_LOSS_ROSE - 1, False), (MIN_STEPS_LOSS_ROSE, True)])
+def test_a_run_too_short_to_judge_is_not_flagged_loss_rose(steps, flagged):
+    guard = guarded([(3.0, 1.0)] + [(3.5, 1.0)] * (steps - 1))
+    assert (artifacts.FLAG_LOSS_ROSE in guard.flags()) is flagged
+
+
 def test_the_loss_windows_are_token_weighted():
-    guard = StepGuard(2, torch.device("cpu"))
-    guard.update(1, record(4.0, 1.0, tokens=10))
-    guard.update(2, record(3.9, 1.0, tokens=1000))
-    assert guard.flags() == {}
     guard = StepGuard(20, torch.device("cpu"))  # windows of 2 steps: (4*10 + 3*1000)/1010 vs 3.5
     for step in range(1, 21):
         loss, tokens = {1: (4.0, 10), 2: (3.0, 1000)}.get(step, (3.5, 100))
@@ -112,8 +114,9 @@ def _two_ranks(rank: int, init_file: str, out: str) -> None:
         except NonFiniteError as e:
             stopped = (step, str(e))
             break
-    finite = StepGuard(2, torch.device("cpu"))  # rank 0's loss falls, rank 1's rises more: the mean rises
-    for step, losses in ((1, (4.0, 1.0)), (2, (3.0, 3.0))):  # 100 tokens per rank, N = 200 over both
+    finite = StepGuard(5, torch.device("cpu"))  # rank 0's loss falls, rank 1's rises more: the mean rises
+    for step, losses in ((1, (4.0, 1.0)), (2, (2.0, 2.0)), (3, (2.0, 2.0)), (4, (2.0, 2.0)), (5, (3.0, 3.0))):
+        # 100 tokens per rank, N = 200 over both
         finite.update(step, SimpleNamespace(nll_sum=torch.tensor(100 * losses[rank], dtype=torch.float64),
                                             grad_norm=torch.tensor(1.0), target_tokens=200))
     Path(f"{out}.{rank}").write_text(json.dumps({"stopped": stopped, "flags": finite.flags()}))
@@ -129,7 +132,7 @@ def test_every_rank_stops_at_the_same_check(tmp_path):
     assert ranks[0]["stopped"][1].startswith("train/loss=not finite (on another rank) at step 3")
     assert ranks[1]["stopped"][1].startswith("train/loss=nan at step 3")
     assert ranks[0]["flags"] == ranks[1]["flags"] == {
-        artifacts.FLAG_LOSS_ROSE: "training loss rose from 2.5000 (steps 1-1) to 3.0000 (steps 2-2)"}
+        artifacts.FLAG_LOSS_ROSE: "training loss rose from 2.5000 (steps 1-1) to 3.0000 (steps 5-5)"}
 
 
 def test_non_finite_weights_stop_the_evaluation_naming_the_step():

@@ -37,9 +37,6 @@ def smoke_args(data, gguf, cache, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="its 2-step runs are flagged loss_rose by the run guard, so the sweep's analysis "
-                          "refuses them and the sweep exits 1; the smoke preset needs more steps or the flag a "
-                          "minimum run length", strict=False)
 def test_cpu_preset_runs_paired_and_analysed(inputs, tmp_path):
     data, gguf = inputs
     proc = run_cli(smoke_args(data, gguf, tmp_path / "cache"), tmp_path)

@@ -113,6 +113,25 @@ def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: 
     return rates, torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile_steps(model, examples, step_ids, split: Split, chunk, layout: dict, top: int = 25) -> None:
+    """The GPU kernels of a few (already compiled) harness steps, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    step_model = CausalLMLoss(model, chunk)
+    step_model.compile_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    plans = [plan_step(examples, ids, mode="mean", loss_scale=1e-3, split=split, world=World(), layout=layout).pin()
+             for ids in step_ids]
+    run = lambda p: run_step(step_model, optimizer, None, p, max_grad_norm=1.0, world=World(),  # noqa: E731
+                             device=torch.device("cuda"), autocast_dtype=torch.bfloat16)
+    run(plans[0])
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for p in plans[1:]:
+            run(p)
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tuple[float, float]:
     from torch.utils.data import SequentialSampler
     from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
@@ -168,6 +187,7 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated: plain,trainer-pad,trainer-flat")
     p.add_argument("--regime", action="store_true", help="also: 1 sequence per micro-batch, literal vs physical")
     p.add_argument("--no-compile", action="store_true", help="the harness's fast settings without torch.compile")
+    p.add_argument("--profile", action="store_true", help="print the GPU kernels that take the harness's time")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -196,6 +216,8 @@ def main() -> None:
     compiled = not args.no_compile
     rates, memory = harness_rates(model, examples, steps, list(MODES), split, chunk, compiled, args.rounds,
                                   dict(pad_id=0, packing=True, row_length=tokens))
+    if args.profile:
+        profile_steps(model, examples, steps[:4], split, chunk, dict(pad_id=0, packing=True, row_length=tokens))
     mean_rate = statistics.median(rates["mean"])
     report(f"harness (packed rows, {'compiled, ' if compiled else ''}chunked loss)", mean_rate, memory, "[mean]")
     for mode in MODES[1:]:

@@ -14,6 +14,8 @@ Two paths give the same numbers:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,38 @@ from harness.chat_format import IGNORE
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16 -> fp32, fp64 stays fp64
+
+
+def _nll_eager(logits, targets, acc):
+    logits = logits.to(acc)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets).squeeze(1)
+
+
+def _nll_and_grad_eager(logits, targets, w, acc, grad_dtype):
+    """nll per row and d(w * nll)/d logits = w * (softmax - onehot(target)), in `grad_dtype`."""
+    logits = logits.to(acc)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    nll = (lse - logits.gather(1, targets)).squeeze(1)
+    is_target = torch.arange(logits.shape[1], device=logits.device) == targets
+    grad = (torch.exp(logits - lse) - is_target.to(acc)) * w.unsqueeze(1)
+    return nll, grad.to(grad_dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    # On the GPU the two functions above run compiled: each becomes one or two passes over the
+    # chunk's logits instead of one per operation (with a 150k vocabulary this part is bound by
+    # memory traffic). The last chunk of a micro-batch is shorter, hence dynamic shapes.
+    return torch.compile(fn, dynamic=True)
+
+
+def _nll(logits, targets, acc):
+    return (_compiled(_nll_eager) if logits.is_cuda else _nll_eager)(logits, targets, acc)
+
+
+def _nll_and_grad(logits, targets, w, acc, grad_dtype):
+    fn = _compiled(_nll_and_grad_eager) if logits.is_cuda else _nll_and_grad_eager
+    return fn(logits, targets, w, acc, grad_dtype)
 
 
 class ChunkedWeightedNLL(torch.autograd.Function):
@@ -39,18 +73,15 @@ class ChunkedWeightedNLL(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
             h = hidden[start:end]
-            logits = (h @ weight.t()).to(acc)  # autocast runs the product in bf16
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_targets[start:end]).squeeze(1)
-            nll[start:end] = torch.where(valid[start:end], lse - target_logit, 0.0)
-            if need_grad:  # d(w * nll)/d logits = w * (softmax - onehot(target))
+            logits = h @ weight.t()  # autocast runs the product in bf16
+            if need_grad:
                 w = torch.where(valid[start:end], token_weights[start:end].to(acc), 0.0)
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad_logits.scatter_add_(1, safe_targets[start:end], -torch.ones_like(target_logit).unsqueeze(1))
-                grad_logits.mul_(w.unsqueeze(1))
-                grad_logits = grad_logits.to(h.dtype)
+                nll[start:end], grad_logits = _nll_and_grad(logits, safe_targets[start:end], w, acc, h.dtype)
                 grad_hidden[start:end] = grad_logits @ weight.to(h.dtype)
                 grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+            else:
+                nll[start:end] = _nll(logits, safe_targets[start:end], acc)
+            nll[start:end].masked_fill_(~valid[start:end], 0.0)
         loss = (nll * token_weights.to(acc)).sum()
         ctx.mark_non_differentiable(nll)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -44,26 +44,25 @@ def _nll_and_grad_eager(logits, targets, w, acc, grad_dtype):
 
 @functools.cache
 def _compiled(fn):
-    # On the GPU the two functions above run compiled: each becomes one or two passes over the
+    # Under trainer.compile the two functions above run compiled: each becomes one or two passes over the
     # chunk's logits instead of one per operation (with a 150k vocabulary this part is bound by
     # memory traffic). The last chunk of a micro-batch is shorter, hence dynamic shapes.
     return torch.compile(fn, dynamic=True)
 
 
-def _nll(logits, targets, acc):
-    return (_compiled(_nll_eager) if logits.is_cuda else _nll_eager)(logits, targets, acc)
+def _nll(logits, targets, acc, compiled: bool):
+    return (_compiled(_nll_eager) if compiled else _nll_eager)(logits, targets, acc)
 
 
-def _nll_and_grad(logits, targets, w, acc, grad_dtype):
-    fn = _compiled(_nll_and_grad_eager) if logits.is_cuda else _nll_and_grad_eager
-    return fn(logits, targets, w, acc, grad_dtype)
+def _nll_and_grad(logits, targets, w, acc, grad_dtype, compiled: bool):
+    return (_compiled(_nll_and_grad_eager) if compiled else _nll_and_grad_eager)(logits, targets, w, acc, grad_dtype)
 
 
 class ChunkedWeightedNLL(torch.autograd.Function):
     """(sum_t w_t * nll_t, nll) from hidden states [T, H] and the LM head weight [V, H]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, need_grad: bool):
+    def forward(ctx, hidden, weight, targets, token_weights, chunk: int, need_grad: bool, compiled: bool = False):
         acc = _accumulation_dtype(hidden.dtype)
         nll = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -76,11 +75,12 @@ class ChunkedWeightedNLL(torch.autograd.Function):
             logits = h @ weight.t()  # autocast runs the product in bf16
             if need_grad:
                 w = torch.where(valid[start:end], token_weights[start:end].to(acc), 0.0)
-                nll[start:end], grad_logits = _nll_and_grad(logits, safe_targets[start:end], w, acc, h.dtype)
+                nll[start:end], grad_logits = _nll_and_grad(logits, safe_targets[start:end], w, acc, h.dtype,
+                                                                compiled)
                 grad_hidden[start:end] = grad_logits @ weight.to(h.dtype)
                 grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
             else:
-                nll[start:end] = _nll(logits, safe_targets[start:end], acc)
+                nll[start:end] = _nll(logits, safe_targets[start:end], acc, compiled)
             nll[start:end].masked_fill_(~valid[start:end], 0.0)
         loss = (nll * token_weights.to(acc)).sum()
         ctx.mark_non_differentiable(nll)
@@ -96,7 +96,7 @@ class ChunkedWeightedNLL(torch.autograd.Function):
             grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (grad_weight * grad_loss.to(grad_weight.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def supports_chunked_loss(model) -> bool:
@@ -119,12 +119,14 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.compiled = False
 
     def compile_model(self) -> None:
-        """torch.compile the transformer in place (parameter names unchanged). The chunked loss
-        stays eager: it is a few large matrix products per chunk, which compiling does not
-        speed up, and its gradients are formed inside an autograd.Function."""
+        """torch.compile the transformer in place (parameter names unchanged) and, on the chunked
+        path, the per-chunk softmax and its gradient; the LM head's matrix products stay eager
+        (compiling the whole autograd.Function failed on the GPU with an illegal memory access)."""
         (self.model.base_model if self.chunk_tokens is not None else self.model).compile()
+        self.compiled = True
 
     def forward(self, input_ids, position_ids, targets, weights, target_index):
         if self.chunk_tokens is None:
@@ -136,7 +138,8 @@ class CausalLMLoss(torch.nn.Module):
         head = self.model.get_output_embeddings().weight
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad)
         loss, nll = ChunkedWeightedNLL.apply(hidden.flatten(0, 1)[target_index], head, targets.flatten()[target_index],
-                                             weights.flatten()[target_index], self.chunk_tokens, need_grad)
+                                             weights.flatten()[target_index], self.chunk_tokens, need_grad,
+                                             self.compiled)
         full = torch.zeros(targets.numel(), dtype=nll.dtype, device=nll.device).index_copy_(0, target_index, nll)
         return loss, full.view_as(targets)
 

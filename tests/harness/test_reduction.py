@@ -85,6 +85,14 @@ def test_chunked_loss_gives_the_plain_gradient(mode, packing):
     assert rel_err(plain, formula_grad(examples, mode, chunks_of(8, 2))) <= TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_compiled_chunk_functions_give_the_formula_gradient(mode):
+    examples = make_examples(UNEQUAL)  # chunks of 7 target tokens: the last one of a micro-batch is shorter
+    got = harness_grad(examples, mode, 2, True, chunk_tokens=7, compiled_loss=True)
+    assert rel_err(got, formula_grad(examples, mode, chunks_of(8, 2))) <= TOL
+
+
 def test_the_semantic_split_decides_the_mean_gradient_not_the_physical_one():
     examples = make_examples(UNEQUAL)
     one_seq = harness_grad(examples, "mean", 8, tokens_per_micro_batch=128)  # 1 sequence per micro-batch

@@ -53,14 +53,15 @@ def formula_grad(examples, mode, chunks) -> torch.Tensor:
 
 def harness_grad(examples, mode, grad_accum, packing=False, world: World = World(), device="cpu",
                  semantic_world: int | None = None, tokens_per_micro_batch: int | None = None,
-                 chunk_tokens: int | None = None) -> torch.Tensor:
+                 chunk_tokens: int | None = None, compiled_loss: bool = False) -> torch.Tensor:
     """The gradient `train_step` leaves after one step on this rank (DDP when world.size > 1).
     No clipping, and a zero learning rate, so `.grad` is the objective's gradient.
     `semantic_world`/`tokens_per_micro_batch`: a semantic split other than the physical one;
-    `chunk_tokens`: the chunked loss path."""
+    `chunk_tokens`: the chunked loss path; `compiled_loss`: its per-chunk functions compiled."""
     device = torch.device(device)
     model = tiny_model().to(device)
     wrapped = CausalLMLoss(model, chunk_tokens)
+    wrapped.compiled = compiled_loss
     if world.size > 1:
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)

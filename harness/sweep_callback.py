@@ -22,7 +22,7 @@ from harness.fingerprint import config_fingerprint
 from harness.jobs import end_orphans, sweep_lock_path
 from harness.preflight import expand_jobs
 from harness.summary import sweep_summary
-from harness.tracking import SWEEP_KEY_TAG, start_parent_run
+from harness.tracking import SWEEP_KEY_TAG, SWEPT_KEYS_TAG, start_parent_run, swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,16 @@ _open_parent: tuple[str, str] | None = None  # (store, run id) of the parent run
 _sweep_lock: FileLock | None = None  # held while the sweep runs: its parent RUNNING is not an orphan
 
 
-def sweep_key(config: DictConfig) -> str:
-    """The same for every run of the same sweep: a hash of its jobs' overrides, in any order."""
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of each of the sweep's jobs."""
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params else {}
-    jobs = expand_jobs([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    return expand_jobs([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+
+
+def sweep_key(config: DictConfig) -> str:
+    """The same for every run of the same sweep: a hash of its jobs' overrides, in any order."""
+    jobs = sweep_jobs(config)
     return config_fingerprint({"experiment": config.tracking.experiment, "jobs": sorted(sorted(j) for j in jobs)})
 
 
@@ -78,7 +83,8 @@ class SweepTracking(Callback):
             _sweep_lock = _hold_sweep_lock(sweep_lock_path(root, key))
             end_orphans(config.tracking, SWEEP_KEY_TAG, lambda k: sweep_lock_path(root, k), key)
             parent = start_parent_run(config.tracking, sweep_dir, key,
-                                      tags={"sweep_dir": str(sweep_dir.resolve()), "sweep_overrides": overrides})
+                                      tags={"sweep_dir": str(sweep_dir.resolve()), "sweep_overrides": overrides,
+                                            SWEPT_KEYS_TAG: ",".join(swept_keys(sweep_jobs(config)))})
         except Exception as e:  # Hydra would only warn and run the jobs without a parent
             sys.exit(f"error: cannot start the sweep's MLflow run in {config.tracking.uri}: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")

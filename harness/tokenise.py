@@ -19,6 +19,7 @@ from harness.sources import DataError, Source, bad_file, load_source, row_line
 
 log = logging.getLogger(__name__)
 TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
+BAR_MIN_ROWS = 10_000  # smaller splits tokenise in about a second: no progress bar for them
 CACHE_KEYS = ("kind", "path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
               "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn")
 
@@ -66,6 +67,17 @@ def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets
         return out
 
     kwargs = dict(batched=True, remove_columns=["messages", "row"], desc=f"tokenising {split_name}")
+    quiet = len(split) < BAR_MIN_ROWS and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return _map(split, encode_rows, kwargs, source, split_name, cfg, tokenizer)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _map(split, encode_rows, kwargs, source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, str]:
     if not source.cacheable:
         return split.map(encode_rows, **kwargs), "none"
     cache_dir = os.path.expanduser(cfg.cache_dir)

@@ -20,6 +20,7 @@ from harness.credentials import redact
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
 SWEEP_KEY_TAG = "sweep_key"  # on a sweep's parent run: a repeated sweep finds and reuses it
+SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent run: the config keys whose value differs between its jobs
 # A tracking server that goes away must not stall training for minutes per call (MLflow's
 # defaults: 7 retries with backoff factor 2 and a 120 s timeout). With these, a call to a dead
 # server gives up within about 20 s, the run fails and the sweep ends; set the variables to
@@ -123,6 +124,28 @@ def start_parent_run(tracking_cfg, sweep_dir: Path, sweep_key: str, tags: dict[s
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / PARENT_ID_FILE).write_text(run_id)
     return run_id
+
+
+def swept_keys(jobs: list[list[str]]) -> list[str]:
+    """The keys whose value differs between the jobs (each a list of `key=value` overrides)."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    return [k for k, v in values.items() if len(v) > 1]
+
+
+def run_name(mode: str, seed: int, job_overrides: list[str], parent_id: str | None) -> str:
+    """`<mode>-seed<seed>`, then the job's values of the other keys its sweep varies (from the
+    parent run's tag), so that runs of one sweep never share a name."""
+    name = f"{mode}-seed{seed}"
+    if parent_id is None:
+        return name
+    tag = MlflowClient().get_run(parent_id).data.tags.get(SWEPT_KEYS_TAG, "")
+    swept = {k.lstrip("+~") for k in tag.split(",")} - {"reduce_loss", "seed"}
+    extra = [o.lstrip("+~") for o in job_overrides if o.partition("=")[0].lstrip("+~") in swept]
+    return " ".join([name, *extra])
 
 
 class RunLogger:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from harness.prefetch import ahead
 from harness.reduction import auto_loss_scale
 from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
-from harness.tracking import RunLogger, flat_params
+from harness.tracking import RunLogger, flat_params, run_name
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity)
 
 
+def job_overrides() -> list[str]:
+    """The command-line overrides of this job (empty outside a Hydra job)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
     """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow."""
     validate(cfg)
@@ -147,7 +153,8 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         done = 0  # steps already trained
         if job.resume_from is not None:
             done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
-        tracker.start(cfg.tracking, f"{cfg.reduce_loss}-seed{cfg.seed}", run.identity | {artifacts.TAG_JOB: job.key},
+        name = run_name(cfg.reduce_loss, cfg.seed, job_overrides(), parent_run_id) if world.is_main else ""
+        tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)
         tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
@@ -167,7 +174,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
                 if logs or evaluates or saves:
                     tally.guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
                 if logs:
-                    log_step(record, scheduler, meter.rate(), step, tracker, progress)
+                    log_step(record, scheduler, meter, step, tracker, progress)
                 if evaluates:
                     val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
                                                    tracker, **eval_args)
@@ -233,9 +240,11 @@ class Tally:
 
 
 class Throughput:
-    """Tokens per second over each logging interval (restarted after evaluations)."""
+    """Tokens per second over each logging interval (restarted after evaluations), and its
+    exponential moving average for the progress bar (single intervals swing widely)."""
 
-    def __init__(self):
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing, self.smoothed = smoothing, None
         self.restart()
 
     def add(self, tokens: int) -> None:
@@ -245,8 +254,10 @@ class Throughput:
         self.tic, self.since = time.perf_counter(), 0
 
     def rate(self) -> float:
-        rate = self.since / (time.perf_counter() - self.tic)
-        self.restart()
+        now = time.perf_counter()
+        rate = self.since / (now - self.tic)
+        self.tic, self.since = now, 0
+        self.smoothed = rate if self.smoothed is None else self.smoothed + self.smoothing * (rate - self.smoothed)
         return rate
 
 
@@ -282,9 +293,10 @@ def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world
         "data/train_examples": len(data.train), "data/val_examples": len(data.val)}, step=0)
 
 
-def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogger, progress) -> None:
+def log_step(record, scheduler, meter: Throughput, step: int, tracker: RunLogger, progress) -> None:
     """The step's metrics, summed over ranks (this syncs with the device)."""
     nll_total, objective_total = distributed.all_reduce_float([record.nll_sum, record.objective])
+    tokens_per_s = meter.rate()  # after the sync: the interval's work is done
     train_loss = nll_total / record.target_tokens
     tracker.metrics({
         artifacts.TRAIN_LOSS_METRIC: train_loss,  # token-mean NLL of the step: comparable across modes
@@ -295,7 +307,7 @@ def log_step(record, scheduler, tokens_per_s: float, step: int, tracker: RunLogg
         "train/target_tokens": record.target_tokens,
         "train/tokens_per_s": tokens_per_s,
     }, step=step)
-    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{meter.smoothed:,.0f}", refresh=False)
 
 
 def flag_run(flags: dict[str, str], tracker: RunLogger) -> None:

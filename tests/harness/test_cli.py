@@ -24,6 +24,8 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     assert len(parents) == 1 and len(children) == 4
     parent_id = parents.run_id.iloc[0]
     assert (children["tags.mlflow.parentRunId"] == parent_id).all()
+    assert parents["tags.swept_keys"].iloc[0] == "reduce_loss,seed"  # the constant overrides are not swept
+    assert sorted(children["tags.mlflow.runName"]) == ["mean-seed0", "mean-seed1", "sum-seed0", "sum-seed1"]
     assert (children.status == "FINISHED").all() and parents.status.iloc[0] == "FINISHED"
 
     for seed, pair in children.groupby("tags.seed"):

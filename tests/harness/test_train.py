@@ -12,7 +12,7 @@ from harness.distributed import World
 from harness.model import build_model
 from harness.chat_tokenizer import build_char_tokenizer
 from harness.step import train_step
-from harness.train import autocast_dtype, set_up
+from harness.train import Throughput, autocast_dtype, set_up
 from tests.helpers.cli import QUICK
 from tests.helpers.gradients import UNEQUAL
 from tests.helpers.models import make_examples, tiny_model
@@ -120,3 +120,15 @@ def test_threads_auto_is_one_on_the_cpu_and_null_leaves_torchs_choice():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_throughput_logs_each_interval_and_shows_a_smoothed_rate(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 3.0])
+    monkeypatch.setattr("harness.train.time.perf_counter", lambda: next(clock))
+    meter = Throughput(smoothing=0.5)
+    rates = []
+    for tokens in (100, 300, 100):
+        meter.add(tokens)
+        rates.append(meter.rate())
+    assert rates == [100, 300, 100]
+    assert meter.smoothed == 100 + 0.5 * (300 - 100) + 0.5 * (100 - 200)  # 100, then 200, then 150

@@ -1,0 +1,27 @@
+"""Run names and the sweep's swept keys (harness/tracking.py)."""
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from harness.tracking import SWEPT_KEYS_TAG, run_name, swept_keys
+
+
+def test_swept_keys_are_the_keys_whose_value_differs_between_jobs():
+    jobs = [["reduce_loss=mean", "seed=0", "+experiment=a", "trainer.lr=0.1"],
+            ["reduce_loss=sum", "seed=0", "+experiment=a", "trainer.lr=0.1"],
+            ["reduce_loss=mean", "seed=0", "+experiment=a", "trainer.lr=0.2"],
+            ["reduce_loss=sum", "seed=0", "+experiment=a", "trainer.lr=0.2"]]
+    assert swept_keys(jobs) == ["reduce_loss", "trainer.lr"]
+
+
+def test_run_names_carry_the_other_swept_values_so_they_never_repeat(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, tags={SWEPT_KEYS_TAG: "reduce_loss,+experiment,trainer.lr"}).info.run_id
+    names = {run_name(mode, 0, [f"reduce_loss={mode}", "seed=0", f"+experiment={e}", f"trainer.lr={lr}",
+                                "trainer.max_steps=6"], parent)
+             for mode in ("mean", "sum") for e in ("a", "b") for lr in ("0.1", "0.2")}
+    assert len(names) == 8
+    assert "mean-seed0 experiment=a trainer.lr=0.1" in names
+    assert run_name("mean", 3, ["trainer.lr=0.1"], None) == "mean-seed3"  # no sweep: the plain name

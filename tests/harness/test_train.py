@@ -12,7 +12,8 @@ from harness.distributed import World
 from harness.model import build_model
 from harness.chat_tokenizer import build_char_tokenizer
 from harness.step import train_step
-from harness.train import Throughput, autocast_dtype, set_up
+from harness.losses import CausalLMLoss
+from harness.train import Throughput, autocast_dtype, set_up, wrap
 from tests.helpers.cli import QUICK
 from tests.helpers.gradients import UNEQUAL
 from tests.helpers.models import make_examples, tiny_model
@@ -132,3 +133,12 @@ def test_throughput_logs_each_interval_and_shows_a_smoothed_rate(monkeypatch):
         rates.append(meter.rate())
     assert rates == [100, 300, 100]
     assert meter.smoothed == 100 + 0.5 * (300 - 100) + 0.5 * (100 - 200)  # 100, then 200, then 150
+
+
+@pytest.mark.parametrize("setting, device, stable, compiled", [
+    ("auto", "cuda", True, True), ("auto", "cuda", False, False), ("auto", "cpu", True, False),
+    (True, "cpu", False, True), (False, "cuda", True, False)])
+def test_compile_auto_needs_cuda_and_micro_batches_of_one_shape(setting, device, stable, compiled):
+    loss_model = CausalLMLoss(tiny_model())
+    wrap(loss_model, setting, World(), torch.device(device), stable_shapes=stable)  # compiling is lazy: nothing runs
+    assert loss_model.compiled is compiled

@@ -1,4 +1,7 @@
-"""`python -m harness [overrides]`: train one run, or a sweep with -m."""
+"""`python -m harness [overrides]`: train one run, or a sweep with -m.
+
+torch and the training stack are imported when a job runs, not above: --help and --cfg only
+print, and return in about a second."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -15,17 +17,19 @@ from omegaconf import DictConfig
 from harness import signals
 from harness.artifacts import parent_run_id
 from harness.config import CONF_DIR, CONFIG_NAME
-from harness.distributed import world_from_env
-from harness.gpu_slots import claim_gpu
-from harness.preflight import main_or_exit
-from harness.sweep_callback import end_open_parent
-from harness.train import train
+from harness.preflight import main_or_exit, prints_only
 
 log = logging.getLogger("harness")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
 def app(cfg: DictConfig):
+    import torch
+
+    from harness.distributed import world_from_env
+    from harness.gpu_slots import claim_gpu
+    from harness.train import train
+
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return train(cfg, Path(hc.runtime.output_dir))
@@ -46,6 +50,10 @@ def app(cfg: DictConfig):
 
 def main() -> None:
     main_or_exit(sys.argv[1:])
+    if prints_only(sys.argv[1:]):
+        return app()  # Hydra prints help or the config; no job, no MLflow run
+    from harness.sweep_callback import end_open_parent
+
     signals.install()
     try:
         app()

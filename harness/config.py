@@ -8,15 +8,15 @@ import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import SchedulerType
 
 from harness.artifacts import resolve_uri
 from harness.credentials import redact
-from harness.distributed import world_from_env
-from harness.reduction import MODES
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "train"
+# The checkout's conf/ (edited in place, also under `pip install -e`); an installed wheel carries
+# a copy as harness/conf/ (setup.py).
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = _CHECKOUT_CONF if (_CHECKOUT_CONF / f"{CONFIG_NAME}.yaml").is_file() else Path(__file__).resolve().parent / "conf"
 
 # `${uid:}` in conf/train.yaml: a short random id, resolved once per process (use_cache, which
 # Hydra copies into every job's config), so folders of sweeps started in the same second differ.
@@ -47,6 +47,12 @@ def _positive(key: str, value, alternative: str | None = None) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    # imported here, not above: --help and --cfg load this module and need no torch or transformers
+    from transformers import SchedulerType
+
+    from harness.distributed import world_from_env
+    from harness.reduction import MODES
+
     _choice("reduce_loss", cfg.reduce_loss, MODES)
     _int("seed", cfg.seed, minimum=None)
     _positive("loss_scale", cfg.loss_scale, alternative="auto")

@@ -5,7 +5,6 @@ training and before any MLflow run exists. --help, --info and --cfg check and op
 from __future__ import annotations
 
 import sys
-import datasets
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
@@ -15,17 +14,16 @@ from hydra.errors import HydraException, MissingConfigException
 from harness.chat_format import ConversationError
 from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
 from harness.credentials import redact
-from harness.distributed import world_from_env
-from harness.model import ModelError, load_tokenizer
-from harness.sources import DataError, load_source
-from harness.tokenise import prepare_data
-from harness.tracking import bound_http_retries, check_server
-
-USER_ERRORS = (ConfigError, DataError, ModelError, ConversationError)
 
 
 class InputError(Exception):
     pass
+
+
+def prints_only(argv: list[str]) -> bool:
+    """--help, --hydra-help, --info, --shell-completion and --cfg: Hydra prints, no job runs."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    return bool(args.help or args.hydra_help or args.info or args.shell_completion or args.cfg)
 
 
 def job_overrides(argv: list[str]) -> list[list[str]] | None:
@@ -34,9 +32,9 @@ def job_overrides(argv: list[str]) -> list[list[str]] | None:
 
     Sweeps come from the command line and, as in Hydra's basic sweeper, from
     `hydra.sweeper.params` (which experiment presets may set)."""
-    args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
+    if prints_only(argv):
         return None
+    args, _ = get_args_parser().parse_known_args(argv)
     overrides = list(args.overrides)
     if args.multirun:
         overrides = [f"{k}={v}" for k, v in _sweeper_params(overrides).items()] + overrides
@@ -81,6 +79,14 @@ def check_command_line(argv: list[str]) -> None:
     jobs = job_overrides(argv)
     if jobs is None:
         return
+    # the model and data stack (torch, transformers, datasets, mlflow) loads only now that jobs will run
+    from harness.distributed import world_from_env
+    from harness.model import ModelError, load_tokenizer
+    from harness.sources import DataError, load_source
+    from harness.tokenise import prepare_data
+    from harness.tracking import check_server
+
+    user_errors = (ConfigError, DataError, ModelError, ConversationError)
     opened: set[str] = set()
     servers: set[str] = set()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -105,11 +111,22 @@ def check_command_line(argv: list[str]) -> None:
                     tokenizer = load_tokenizer(cfg.model)
                     if check_data:
                         prepare_data(cfg.data, tokenizer)  # cached: the job reuses it
-            except (*USER_ERRORS, ConnectionError) as e:
+            except (*user_errors, ConnectionError) as e:
                 raise InputError(str(e)) from None
 
 
 def main_or_exit(argv: list[str]) -> None:
+    if prints_only(argv):  # nothing to open, and nothing heavy to import: --help and --cfg stay quick
+        args, _ = get_args_parser().parse_known_args(argv)
+        if args.multirun and (args.cfg or args.info):
+            flag = "--cfg" if args.cfg else "--info"
+            print(f"error: {flag} prints one job's config and runs nothing; leave out -m", file=sys.stderr)
+            sys.exit(2)
+        return
+    import datasets
+
+    from harness.tracking import bound_http_retries
+
     bound_http_retries()
     datasets.disable_progress_bars()  # keep a failing check to its one line
     try:

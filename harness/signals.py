@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch loads only when a run starts: python -m harness --help imports this module
+    import torch
 
-from harness.distributed import World
+    from harness.distributed import World
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -58,6 +59,9 @@ def deferred():
 
 def stop_requested(world: World, device: torch.device) -> int | None:
     """The pending signal, if any (on any rank: all ranks stop at the same step)."""
+    import torch
+    import torch.distributed as dist
+
     signum = _pending
     if world.size > 1 and dist.is_initialized():
         t = torch.tensor([signum or 0], device=device)

@@ -252,10 +252,9 @@ def test_job_folders_stay_in_the_sweep_and_credentials_are_stored_nowhere(tmp_pa
     prelude = """
         import os
         import harness.sweep_callback, harness.tracking
-        import harness.preflight
         local = "sqlite:///" + os.path.abspath("mlflow.db")
         harness.tracking.resolve_uri = harness.sweep_callback.resolve_uri = lambda uri: local
-        harness.preflight.check_server = lambda uri: None  # no server behind the URI: the local file serves
+        harness.tracking.check_server = lambda uri: None  # no server behind the URI: the local file serves
     """
     long_value = "x" * 300
     proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", "+note=../../escaped/x",

@@ -102,10 +102,11 @@ def requeue_on_preemption(task):
             if stop.signum != signum or not callable(submitits):
                 raise
             log.warning("%s; submitit requeues the job", stop)
-            signal.signal(signum, submitits)
+            signal.signal(signum, submitits)  # a second signal from here on is submitit's
             submitits(signum, None)  # checkpoints the job's callable, requeues it and exits
             raise
         finally:
-            signal.signal(signum, submitits)
+            if submitits is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, submitits)
 
     return job

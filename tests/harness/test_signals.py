@@ -113,3 +113,16 @@ def test_outside_a_submitit_job_the_task_runs_as_it_is(monkeypatch):
     before = signal.getsignal(signal.SIGUSR2)
     assert signals.submitit_preemption_signal() is None
     assert signals.requeue_on_preemption(lambda cfg: signal.getsignal(signal.SIGUSR2))("cfg") is before
+
+
+@needs_submitit
+def test_without_a_handler_of_submitits_the_signal_stops_the_run_like_sigterm(monkeypatch):
+    """A process started from inside a submitit job inherits its environment, not its handlers."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    saved = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        with pytest.raises(signals.Interrupted, match="SIGUSR2 after step 1"):
+            signals.requeue_on_preemption(preempted_mid_step)(None)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, saved)

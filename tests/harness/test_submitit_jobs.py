@@ -1,6 +1,7 @@
-"""A sweep through submitit (SLURM's launcher, run locally): a job killed outright resumes when the
-command is run again; a job sent submitit's preemption signal checkpoints at that step, is
-requeued by submitit and resumes, both into the same MLflow run."""
+"""Jobs that submitit runs (SLURM's launcher, run locally), each in its own process: a job killed
+outright resumes when the command is run again; a job sent submitit's preemption signal
+checkpoints at that step, is requeued by submitit and resumes, both into the same MLflow run; a
+job that fails fails the sweep."""
 
 import importlib.util
 import os
@@ -99,3 +100,14 @@ def test_submitits_preemption_signal_checkpoints_at_that_step_and_the_requeued_j
     assert len(stopped) == 1 and 2 <= int(stopped[0]) < STEPS, log
     assert "Requeued job" in log and log.count(f"({run_id})") == 2  # the requeued job logs into the same run
     _assert_one_paired_sweep(tmp_path, run_id, int(stopped[0]))
+
+
+def test_jobs_that_fail_in_their_own_processes_fail_the_sweep_and_are_named(tmp_path):
+    no_analysis = "hydra.callbacks.sweep_tracking.analyse=false"  # the analysis would fail on them too
+    proc = run_cli([*SWEEP, "trainer.lr=1e20", no_analysis], tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED: ")]
+    assert len(failed) == 2 and all("ended FAILED: NonFiniteError: train/grad_norm=nan at step" in f for f in failed)
+    assert {f.split()[3] for f in failed} == {"mean-seed0", "sum-seed0"}, failed
+    parents, children = child_runs(tmp_path)
+    assert list(parents.status) == ["FAILED"] and list(children.status) == ["FAILED", "FAILED"]

@@ -52,7 +52,7 @@ def failed_elsewhere(config: DictConfig, since_ms: int) -> list[str]:
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10_000)
     failures = [f"MLflow run {r.info.run_name} ({r.info.run_id}) ended {r.info.status}: "
-                f"{r.data.tags.get('error') or r.data.tags.get('stopped') or 'see its log'}"
+                f"{(r.data.tags.get('error') or r.data.tags.get('stopped') or 'see its log')[:300]}"
                 for r in children if r.info.status != "FINISHED" and (r.info.end_time or since_ms) >= since_ms]
     expected = len(sweep_jobs(config))
     if len(children) < expected:

@@ -23,6 +23,7 @@ log = logging.getLogger("harness")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
+@signals.requeue_on_preemption  # in a submitit job, where main() does not run
 def app(cfg: DictConfig):
     import torch
 

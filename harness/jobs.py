@@ -53,6 +53,8 @@ def end_orphans(tracking_cfg, tag: str, lock_of: Callable[[str], Path], own_key:
         except Timeout:
             continue  # its process is alive
         try:
+            if client.get_run(run.info.run_id).info.status != "RUNNING":
+                continue  # it ended, and its process let go of the lock, after the search
             client.set_tag(run.info.run_id, "stopped", "found RUNNING after its process had ended")
             client.set_terminated(run.info.run_id, "KILLED")
             log.warning("MLflow run %s was left RUNNING by a process that ended; marked KILLED", run.info.run_id)

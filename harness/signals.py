@@ -2,10 +2,19 @@
 
 Outside the training loop a signal raises `Interrupted` at once. Inside it (`deferred()`) the
 signal is only recorded; the loop finishes its step, saves a checkpoint and then raises, so the
-work done so far is kept. A second signal does not wait."""
+work done so far is kept. A second signal does not wait.
+
+A job that submitit runs (hydra/launcher=slurm, submitit_local) is submitit's worker process:
+`main()` and `install()` never run there, and submitit has its own handlers: SIGUSR2 (its
+preemption and timeout signal) checkpoints the job's callable and requeues it, SIGTERM is logged
+and ignored. `requeue_on_preemption` takes SIGUSR2 over for the length of the job, so the run
+stops the same way, and then hands it to submitit's handler to requeue the job."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import signal
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -15,6 +24,7 @@ if TYPE_CHECKING:  # torch loads only when a run starts: python -m harness --hel
 
     from harness.distributed import World
 
+log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -68,3 +78,39 @@ def stop_requested(world: World, device: torch.device) -> int | None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         signum = int(t.item()) or None
     return signum
+
+
+def submitit_preemption_signal() -> int | None:
+    """The signal submitit requeues a job on, inside a submitit job; None elsewhere."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):  # set by submitit in the jobs it starts
+        return None
+    from submitit import JobEnvironment  # an optional dependency: only imported in its jobs
+    return getattr(signal, "SIG" + JobEnvironment.USR_SIG)  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+
+
+def requeue_on_preemption(task):
+    """Decorate a Hydra task function. In a submitit job, submitit's preemption signal stops the
+    run like SIGTERM elsewhere (the step ends, a checkpoint is saved, the run ends KILLED); then
+    submitit's own handler checkpoints the job and requeues it, and the requeued job resumes into
+    the same run. Elsewhere the task runs as it is."""
+
+    @functools.wraps(task)
+    def job(cfg):
+        signum = submitit_preemption_signal()
+        if signum is None:
+            return task(cfg)
+        submitits = signal.signal(signum, _handle)
+        try:
+            return task(cfg)
+        except Interrupted as stop:
+            if stop.signum != signum or not callable(submitits):
+                raise
+            log.warning("%s; submitit requeues the job", stop)
+            signal.signal(signum, submitits)  # a second signal from here on is submitit's
+            submitits(signum, None)  # checkpoints the job's callable, requeues it and exits
+            raise
+        finally:
+            if submitits is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, submitits)
+
+    return job

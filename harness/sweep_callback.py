@@ -43,6 +43,24 @@ def sweep_key(config: DictConfig) -> str:
     return config_fingerprint({"experiment": config.tracking.experiment, "jobs": sorted(sorted(j) for j in jobs)})
 
 
+def failed_elsewhere(config: DictConfig, since_ms: int) -> list[str]:
+    """The failed jobs of a sweep whose jobs ran in other processes (submitit, joblib), where
+    their `on_job_end` ran too: the sweep's child runs that ended otherwise than FINISHED after
+    `since_ms`, and jobs that left no run at all."""
+    sweep_dir, uri = Path(config.hydra.sweep.dir), resolve_uri(config.tracking.uri)
+    client, parent = MlflowClient(uri), parent_run_id(sweep_dir)
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10_000)
+    failures = [f"MLflow run {r.info.run_name} ({r.info.run_id}) ended {r.info.status}: "
+                f"{(r.data.tags.get('error') or r.data.tags.get('stopped') or 'see its log')[:300]}"
+                for r in children if r.info.status != "FINISHED" and (r.info.end_time or since_ms) >= since_ms]
+    expected = len(sweep_jobs(config))
+    if len(children) < expected:
+        failures.append(f"{expected - len(children)} of {expected} jobs made no MLflow run (see their logs in "
+                        f"{sweep_dir})")
+    return failures
+
+
 def end_open_parent(status: str) -> None:
     """End the sweep's parent run if the sweep could not (a stop signal, an error in Hydra)."""
     global _open_parent, _sweep_lock
@@ -71,11 +89,14 @@ class SweepTracking(Callback):
     def __init__(self, analyse: bool = True) -> None:
         self.analyse = analyse
         self.failures: list[str] = []
+        self.jobs_ended = 0  # in this process; 0 when a launcher ran them in others
+        self.started_ms = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _open_parent, _sweep_lock
         if not world_from_env().is_main:
             return
+        self.started_ms = int(time.time() * 1000)
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = redact(" ".join(config.hydra.overrides.task))
         key, root = sweep_key(config), Path(config.trainer.checkpoint_dir)
@@ -96,6 +117,7 @@ class SweepTracking(Callback):
                                          (params | {"sweep_overrides": overrides}).items() if k not in logged])
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        self.jobs_ended += 1
         if job_return.status == JobStatus.FAILED:
             self.failures.append(f"{job_return.overrides}: raised (see the job's log)")
         elif isinstance(job_return.return_value, dict) and "failed" in job_return.return_value:
@@ -105,6 +127,11 @@ class SweepTracking(Callback):
         if not world_from_env().is_main:
             return
         failed, results = list(self.failures), None
+        if not self.jobs_ended:
+            try:
+                failed += failed_elsewhere(config, self.started_ms)
+            except Exception as e:
+                failed.append(f"reading the jobs' runs from MLflow: {type(e).__name__}: {e}")
         try:
             results = self._analyse(config)
         except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing

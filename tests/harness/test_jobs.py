@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from harness import artifacts
+from harness import artifacts, jobs
 from harness.config import CONF_DIR, CONFIG_NAME
 from harness.jobs import end_orphans, job_key, job_lock_path
 from harness.tracking import experiment_id
@@ -107,3 +107,21 @@ def test_runs_left_running_by_a_process_that_died_are_ended_and_no_others(tmp_pa
         holder.kill()
     status = {key: client.get_run(run_id).info.status for key, run_id in runs.items()}
     assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING", "own": "RUNNING"}
+
+
+def test_a_run_that_ends_between_the_search_and_its_lock_keeps_its_status(tmp_path, monkeypatch):
+    uri, root = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "checkpoints"
+    exp, client = experiment_id(tracking(uri)), MlflowClient(uri)
+    run_id = client.create_run(exp, tags={artifacts.TAG_JOB: "other"}).info.run_id
+    job_lock_path(root, "other").parent.mkdir(parents=True)
+    job_lock_path(root, "other").touch()
+    search = jobs.runs_tagged
+
+    def search_then_finish(*args, **kwargs):
+        found = search(*args, **kwargs)  # the run is RUNNING here
+        client.set_terminated(run_id, "FINISHED")  # then its process ends it and releases its lock
+        return found
+
+    monkeypatch.setattr(jobs, "runs_tagged", search_then_finish)
+    end_orphans(tracking(uri), artifacts.TAG_JOB, lambda key: job_lock_path(root, key), own_key="own")
+    assert client.get_run(run_id).info.status == "FINISHED"

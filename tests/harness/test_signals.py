@@ -1,6 +1,8 @@
 """Stop signals in process: raised at once outside the training loop, deferred to the end of
-the step inside it, and never deferred twice."""
+the step inside it, and never deferred twice. In a submitit job, submitit's preemption signal is
+deferred the same way and then handed to submitit's own handler."""
 
+import importlib.util
 import os
 import signal
 
@@ -57,3 +59,70 @@ def test_a_signal_left_pending_at_the_end_of_the_loop_raises_there(handlers):
             os.kill(os.getpid(), signal.SIGTERM)
     with signals.deferred():  # nothing carries over into the next job's loop
         assert stop() is None
+
+
+needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="needs submitit")
+
+
+@pytest.fixture
+def submitit_job(monkeypatch):
+    """Inside a (pretend) submitit job: submitit's handler for its preemption signal records its calls."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    calls = []
+    saved = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    yield calls
+    signal.signal(signal.SIGUSR2, saved)
+
+
+def preempted_mid_step(cfg):
+    """A training loop sent SIGUSR2 during its first step."""
+    ended_step = False
+    with signals.deferred():
+        os.kill(os.getpid(), signal.SIGUSR2)
+        ended_step = True
+        signum = stop()
+        assert signum == signal.SIGUSR2 and ended_step
+        raise signals.Interrupted(signum, " after step 1 (checkpoint saved)")
+
+
+@needs_submitit
+def test_in_a_submitit_job_the_preemption_signal_ends_the_step_then_goes_to_submitits_handler(submitit_job):
+    submitits = signal.getsignal(signal.SIGUSR2)
+    with pytest.raises(signals.Interrupted, match="SIGUSR2 after step 1"):
+        signals.requeue_on_preemption(preempted_mid_step)(None)
+    assert submitit_job == [signal.SIGUSR2]  # once, after the step (submitit's requeues the job and exits)
+    assert signal.getsignal(signal.SIGUSR2) is submitits
+
+
+@needs_submitit
+def test_a_submitit_job_that_ends_normally_leaves_submitits_handler_in_place(submitit_job):
+    submitits = signal.getsignal(signal.SIGUSR2)
+    assert signals.requeue_on_preemption(lambda cfg: signal.getsignal(signal.SIGUSR2))("cfg") is not submitits
+    assert signal.getsignal(signal.SIGUSR2) is submitits and submitit_job == []
+
+
+@needs_submitit
+def test_submitits_preemption_signal_is_the_one_it_is_configured_with(submitit_job, monkeypatch):
+    import submitit
+    monkeypatch.setattr(submitit.JobEnvironment, "USR_SIG", "HUP")  # SUBMITIT_PREEMPT_SIGNAL=HUP
+    assert signals.submitit_preemption_signal() == signal.SIGHUP
+
+
+def test_outside_a_submitit_job_the_task_runs_as_it_is(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    before = signal.getsignal(signal.SIGUSR2)
+    assert signals.submitit_preemption_signal() is None
+    assert signals.requeue_on_preemption(lambda cfg: signal.getsignal(signal.SIGUSR2))("cfg") is before
+
+
+@needs_submitit
+def test_without_a_handler_of_submitits_the_signal_stops_the_run_like_sigterm(monkeypatch):
+    """A process started from inside a submitit job inherits its environment, not its handlers."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    saved = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        with pytest.raises(signals.Interrupted, match="SIGUSR2 after step 1"):
+            signals.requeue_on_preemption(preempted_mid_step)(None)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, saved)

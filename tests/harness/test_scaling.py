@@ -1,14 +1,13 @@
 """Sweeps on the engines researchers scale out with: a shared MLflow server, parallel jobs
 through joblib, and submitit (SLURM's launcher, run locally)."""
 
-import importlib.util
 import os
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.cli import QUICK, child_runs, run_cli
+from tests.helpers.cli import QUICK, child_runs, has_module, run_cli
 from tests.helpers.mlflow_server import free_port, mlflow_server
 
 
@@ -79,7 +78,7 @@ def test_a_server_that_goes_away_mid_run_fails_the_sweep_within_a_bounded_time(t
 
 
 def _needs(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+    return pytest.mark.skipif(not has_module(module),
                               reason=f"needs {module} (pip install '.[launchers]')")
 
 

@@ -3,7 +3,6 @@ outright resumes when the command is run again; a job sent submitit's preemption
 checkpoints at that step, is requeued by submitit and resumes, both into the same MLflow run; a
 job that fails fails the sweep."""
 
-import importlib.util
 import os
 import re
 import signal
@@ -12,12 +11,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.checkpoint import read_meta
-from tests.helpers.cli import QUICK, child_runs, run_cli
+from tests.helpers.cli import QUICK, child_runs, has_module, run_cli
 from tests.helpers.submitit_jobs import job_logs, run_ids, start_sweep, task_pid, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    pytest.mark.skipif(not has_module("hydra_plugins.hydra_submitit_launcher"),
                        reason="needs hydra-submitit-launcher (pip install '.[launchers]')"),
 ]
 STEPS = 24

@@ -35,3 +35,12 @@ def child_runs(cwd: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     return parents, children
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` imports (False too when a parent package, e.g. hydra_plugins, is missing)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

@@ -37,9 +37,10 @@ def _nll_and_grad_eager(logits, targets, w, acc, grad_dtype):
     logits = logits.to(acc)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     nll = (lse - logits.gather(1, targets)).squeeze(1)
-    is_target = torch.arange(logits.shape[1], device=logits.device) == targets
-    grad = (torch.exp(logits - lse) - is_target.to(acc)) * w.unsqueeze(1)
-    return nll, grad.to(grad_dtype)
+    # one new [chunk, vocabulary] buffer, then in place: eager runs (compile off) hold ~1 GiB chunks
+    grad = (logits - lse).exp_()
+    grad.scatter_add_(1, targets, torch.full_like(lse, -1.0))
+    return nll, grad.mul_(w.unsqueeze(1)).to(grad_dtype)
 
 
 @functools.cache

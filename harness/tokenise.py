@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import datasets
@@ -67,28 +68,32 @@ def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets
         return out
 
     kwargs = dict(batched=True, remove_columns=["messages", "row"], desc=f"tokenising {split_name}")
-    quiet = len(split) < BAR_MIN_ROWS and datasets.is_progress_bar_enabled()
-    if quiet:
-        datasets.disable_progress_bars()
-    try:
-        return _map(split, encode_rows, kwargs, source, split_name, cfg, tokenizer)
-    finally:
-        if quiet:
-            datasets.enable_progress_bars()
-
-
-def _map(split, encode_rows, kwargs, source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, str]:
     if not source.cacheable:
-        return split.map(encode_rows, **kwargs), "none"
+        with _bar_if_long(split):
+            return split.map(encode_rows, **kwargs), "none"
     cache_dir = os.path.expanduser(cfg.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     cache_file = os.path.join(cache_dir, f"tokenized-{_cache_key(cfg, source, tokenizer, split_name)}.arrow")
     existed = bool(glob.glob(cache_file[: -len(".arrow")] + "*.arrow"))  # num_proc > 1 writes shards
     kwargs.update(cache_file_name=cache_file, load_from_cache_file=True, num_proc=cfg.num_proc or None)
-    tokenized = split.map(encode_rows, **kwargs)
+    with _bar_if_long(split):
+        tokenized = split.map(encode_rows, **kwargs)
     if not existed:
         _BUILT.add(cache_file)
     return tokenized, "reused" if existed and cache_file not in _BUILT else "built"
+
+
+@contextmanager
+def _bar_if_long(split: datasets.Dataset):
+    """datasets' progress bar only for splits of BAR_MIN_ROWS rows or more."""
+    quiet = len(split) < BAR_MIN_ROWS and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def _examples(tokenized: datasets.Dataset, counts: dict[str, int], split_name: str) -> list[Example]:

@@ -37,16 +37,17 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     return expand_jobs([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
 
 
-def sweep_key(config: DictConfig) -> str:
-    """The same for every run of the same sweep: a hash of its jobs' overrides, in any order."""
-    jobs = sweep_jobs(config)
+def sweep_key(config: DictConfig, jobs: list[list[str]] | None = None) -> str:
+    """The same for every run of the same sweep: a hash of its jobs' overrides (`sweep_jobs`,
+    expanded here unless given), in any order."""
+    jobs = sweep_jobs(config) if jobs is None else jobs
     return config_fingerprint({"experiment": config.tracking.experiment, "jobs": sorted(sorted(j) for j in jobs)})
 
 
-def failed_elsewhere(config: DictConfig, since_ms: int) -> list[str]:
+def failed_elsewhere(config: DictConfig, since_ms: int, expected: int) -> list[str]:
     """The failed jobs of a sweep whose jobs ran in other processes (submitit, joblib), where
     their `on_job_end` ran too: the sweep's child runs that ended otherwise than FINISHED after
-    `since_ms`, and jobs that left no run at all."""
+    `since_ms`, and jobs that left no run at all (of the `expected` jobs)."""
     sweep_dir, uri = Path(config.hydra.sweep.dir), resolve_uri(config.tracking.uri)
     client, parent = MlflowClient(uri), parent_run_id(sweep_dir)
     children = client.search_runs([client.get_run(parent).info.experiment_id],
@@ -54,7 +55,6 @@ def failed_elsewhere(config: DictConfig, since_ms: int) -> list[str]:
     failures = [f"MLflow run {r.info.run_name} ({r.info.run_id}) ended {r.info.status}: "
                 f"{(r.data.tags.get('error') or r.data.tags.get('stopped') or 'see its log')[:300]}"
                 for r in children if r.info.status != "FINISHED" and (r.info.end_time or since_ms) >= since_ms]
-    expected = len(sweep_jobs(config))
     if len(children) < expected:
         failures.append(f"{expected - len(children)} of {expected} jobs made no MLflow run (see their logs in "
                         f"{sweep_dir})")
@@ -91,6 +91,7 @@ class SweepTracking(Callback):
         self.failures: list[str] = []
         self.jobs_ended = 0  # in this process; 0 when a launcher ran them in others
         self.started_ms = 0
+        self.jobs: list[list[str]] = []  # each job's overrides
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _open_parent, _sweep_lock
@@ -99,13 +100,14 @@ class SweepTracking(Callback):
         self.started_ms = int(time.time() * 1000)
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = redact(" ".join(config.hydra.overrides.task))
-        key, root = sweep_key(config), Path(config.trainer.checkpoint_dir)
+        self.jobs = sweep_jobs(config)
+        key, root = sweep_key(config, self.jobs), Path(config.trainer.checkpoint_dir)
         try:
             _sweep_lock = _hold_sweep_lock(sweep_lock_path(root, key))
             end_orphans(config.tracking, SWEEP_KEY_TAG, lambda k: sweep_lock_path(root, k), key)
             parent = start_parent_run(config.tracking, sweep_dir, key,
                                       tags={"sweep_dir": str(sweep_dir.resolve()), "sweep_overrides": overrides,
-                                            SWEPT_KEYS_TAG: ",".join(swept_keys(sweep_jobs(config)))})
+                                            SWEPT_KEYS_TAG: ",".join(swept_keys(self.jobs))})
         except Exception as e:  # Hydra would only warn and run the jobs without a parent
             sys.exit(f"error: cannot start the sweep's MLflow run in {config.tracking.uri}: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -129,7 +131,7 @@ class SweepTracking(Callback):
         failed, results = list(self.failures), None
         if not self.jobs_ended:
             try:
-                failed += failed_elsewhere(config, self.started_ms)
+                failed += failed_elsewhere(config, self.started_ms, len(self.jobs))
             except Exception as e:
                 failed.append(f"reading the jobs' runs from MLflow: {type(e).__name__}: {e}")
         try:

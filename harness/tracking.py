@@ -126,13 +126,18 @@ def start_parent_run(tracking_cfg, sweep_dir: Path, sweep_key: str, tags: dict[s
     return run_id
 
 
+def _key_and_value(override: str) -> tuple[str, str]:
+    """`+group=x` -> ("group", "x"): the key without Hydra's add/delete prefix."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
 def swept_keys(jobs: list[list[str]]) -> list[str]:
     """The keys whose value differs between the jobs (each a list of `key=value` overrides)."""
     values: dict[str, set[str]] = {}
     for job in jobs:
-        for override in job:
-            key, _, value = override.partition("=")
-            values.setdefault(key.lstrip("+~"), set()).add(value)
+        for key, value in map(_key_and_value, job):
+            values.setdefault(key, set()).add(value)
     return [k for k, v in values.items() if len(v) > 1]
 
 
@@ -144,7 +149,7 @@ def run_name(mode: str, seed: int, job_overrides: list[str], parent_id: str | No
         return name
     tag = MlflowClient().get_run(parent_id).data.tags.get(SWEPT_KEYS_TAG, "")
     swept = {k.lstrip("+~") for k in tag.split(",")} - {"reduce_loss", "seed"}
-    extra = [o.lstrip("+~") for o in job_overrides if o.partition("=")[0].lstrip("+~") in swept]
+    extra = [o.lstrip("+~") for o in job_overrides if _key_and_value(o)[0] in swept]
     return " ".join([name, *extra])
 
 

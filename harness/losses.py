@@ -70,15 +70,22 @@ class ChunkedWeightedNLL(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=_accumulation_dtype(weight.dtype)) if need_grad else None
         valid = targets != IGNORE
         safe_targets = targets.clamp(min=0).unsqueeze(1)
+        # The three matrix products run in autocast's dtype, as autocast would run them, with the
+        # casts made once: the head once per call, the logits' gradient as it is formed (not
+        # formed in float32 and cast again before each product).
+        device_type = hidden.device.type
+        autocasts = torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64  # as autocast decides
+        mm_dtype = torch.get_autocast_dtype(device_type) if autocasts else torch.promote_types(hidden.dtype, weight.dtype)
+        head = weight.to(mm_dtype)
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
-            h = hidden[start:end]
-            logits = h @ weight.t()  # autocast runs the product in bf16
+            h = hidden[start:end].to(mm_dtype)
+            logits = h @ head.t()
             if need_grad:
                 w = torch.where(valid[start:end], token_weights[start:end].to(acc), 0.0)
-                nll[start:end], grad_logits = _nll_and_grad(logits, safe_targets[start:end], w, acc, h.dtype,
+                nll[start:end], grad_logits = _nll_and_grad(logits, safe_targets[start:end], w, acc, mm_dtype,
                                                                 compiled)
-                grad_hidden[start:end] = grad_logits @ weight.to(h.dtype)
+                grad_hidden[start:end] = grad_logits @ head
                 grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
             else:
                 nll[start:end] = _nll(logits, safe_targets[start:end], acc, compiled)

@@ -28,14 +28,14 @@ def test_two_gpus_with_nccl_match_formula(tmp_path):
         assert rel_err(got, formula_grad(examples, mode, chunks_of(8, chunks))) <= TOL, (mode, layout)
 
 
-def _bf16_setup(vocab=8192, lengths=(300, 41, 977, 12, 530, 88, 1500, 260)):
+def _bf16_setup(vocab=8192, lengths=(300, 41, 977, 12, 530, 88, 1500, 260), device="cuda"):
     """A random model with a larger vocabulary, in float32 with bf16 autocast (how training runs)."""
-    model = tiny_model(dtype=torch.float32, vocab=vocab, positions=4096, hidden=64, heads=4).cuda()  # head dim 16
+    model = tiny_model(dtype=torch.float32, vocab=vocab, positions=4096, hidden=64, heads=4).to(device)  # head dim 16
     return model, make_examples(list(lengths), seed=1, vocab=vocab)
 
 
-@pytest.mark.gpu
-def test_chunked_loss_matches_plain_in_bf16():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_loss_matches_plain_in_bf16(device):
     """Both paths round the same bf16 logits and differ only in how the products accumulate, so
     per-example mean NLL agrees to well under bf16's resolution (2^-8 relative) and the gradient
     to within that resolution."""
@@ -43,18 +43,20 @@ def test_chunked_loss_matches_plain_in_bf16():
     from harness.losses import CausalLMLoss, per_example_sums
     from harness.reduction import token_weights
 
-    model, examples = _bf16_setup()
-    batch = collate(examples, 0, packing=True, row_length=4096).to("cuda")
-    seq_w = torch.rand(len(examples), dtype=torch.float64, device="cuda")
+    model, examples = _bf16_setup(device=device)
+    if device == "cpu":
+        model.config._attn_implementation = "eager"  # no FlexAttention kernel for the CPU here
+    batch = collate(examples, 0, packing=True, row_length=4096).to(device)
+    seq_w = torch.rand(len(examples), dtype=torch.float64, device=device)
     weights = token_weights(seq_w, batch.seq_index, batch.target_mask)
     results = {}
     for chunk in (None, 1024):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss, nll = CausalLMLoss(model, chunk)(batch.input_ids, batch.position_ids, batch.targets, weights,
                                                    batch.target_index)
         loss.backward()
-        per_example = per_example_sums(nll.double(), batch) / torch.tensor([e.target_tokens for e in examples], device="cuda")
+        per_example = per_example_sums(nll.double(), batch) / torch.tensor([e.target_tokens for e in examples], device=device)
         results[chunk] = (per_example, torch.cat([p.grad.flatten() for p in model.parameters()]), float(loss))
     (pe_plain, g_plain, l_plain), (pe_chunk, g_chunk, l_chunk) = results[None], results[1024]
     assert (pe_plain - pe_chunk).abs().max() < 2e-3

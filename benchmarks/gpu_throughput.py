@@ -10,7 +10,8 @@ order for the same steps with
                torch.compile, fused AdamW, bf16 autocast over float32 weights, steps planned
                ahead in a thread; every reduction mode, interleaved rounds
   harness-plain the step as it was before these settings: the semantic micro-batches run as
-               they are (padded), plain loss over full float32 logits, no compile
+               they are (padded), plain loss over full float32 logits, no compile; then the
+               same micro-batches with the chunked loss (peak memory)
   trainer-pad  HF Trainer, DataCollatorForSeq2Seq padding, bf16, fused AdamW
   trainer-flat HF Trainer, DataCollatorWithFlattening (padding-free) with FlexAttention
 Real tokens/s counts non-padding tokens. MFU = 6 * (non-embedding parameters + vocabulary *
@@ -40,6 +41,7 @@ from harness.step import Split, plan_step, run_step
 from harness.data_order import training_order
 
 PEAK_FLOPS = 989e12
+DEVICE = "cuda"  # a smoke test may set "cpu"
 MODELS = {
     "qwen0.5b": lambda: Qwen2ForCausalLM(Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -84,7 +86,7 @@ def sync() -> None:
 
 def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: bool, rounds: int, layout: dict):
     """tokens/s of each mode per round; each round trains every mode on the same steps."""
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     step_model = CausalLMLoss(model, chunk)
     if compiled:
         step_model.compile_model()
@@ -122,7 +124,7 @@ def profile_steps(model, examples, step_ids, split: Split, chunk, layout: dict, 
     plans = [plan_step(examples, ids, mode="mean", loss_scale=1e-3, split=split, world=World(), layout=layout).pin()
              for ids in step_ids]
     run = lambda p: run_step(step_model, optimizer, None, p, max_grad_norm=1.0, world=World(),  # noqa: E731
-                             device=torch.device("cuda"), autocast_dtype=torch.bfloat16)
+                             device=torch.device(DEVICE), autocast_dtype=torch.bfloat16)
     run(plans[0])
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -171,7 +173,7 @@ def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tupl
                              report_to=[], dataloader_num_workers=2, remove_unused_columns=False,
                              max_grad_norm=1.0, disable_tqdm=True)
     torch.cuda.reset_peak_memory_stats()
-    InOrder(model=model.cuda(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
+    InOrder(model=model.to(DEVICE), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
     return tokens_after_warm / (clock.toc - clock.tic), torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -181,8 +183,9 @@ def main() -> None:
     p.add_argument("--data", choices=["embedded", "long"], default="embedded")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step")
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--tokens-per-micro-batch", type=int, default=10240,
-                   help="packed row length (the embedded data's 128-sequence steps fill two such rows to 90%%)")
+    p.add_argument("--tokens-per-micro-batch", default="20480",
+                   help="packed row length; a comma-separated list also times the others (mean only), side by "
+                        "side (the embedded data's 128-sequence steps fill one 20,480-token row to 89%%, two 10,240-token rows to 90%%)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip", default="", help="comma-separated: plain,trainer-pad,trainer-flat")
@@ -191,14 +194,18 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print the GPU kernels that take the harness's time")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    row_lengths = [int(x) for x in args.tokens_per_micro_batch.split(",")]
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each row length gets its own static graph
+    torch._dynamo.config.cache_size_limit = 64
+    started = time.perf_counter()
 
     torch.manual_seed(0)
-    model = MODELS[args.model]().cuda()
+    model = MODELS[args.model]().to(DEVICE)
     vocab, fpt = model.config.vocab_size, flops_per_token(model)
     examples = embedded_examples(8192, vocab) if args.data == "embedded" else long_examples(4096, vocab)
     steps = training_order(len(examples), args.batch_size, args.steps * (args.rounds + 1), seed=0)
     max_len = max(e.seq_len for e in examples)
-    tokens = max(args.tokens_per_micro_batch, max_len)
+    tokens = max(row_lengths[0], max_len)
     chunk = max(256, (2**28 // vocab) // 256 * 256)
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; model {args.model}: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, vocabulary {vocab}; data {args.data}: "
@@ -209,8 +216,8 @@ def main() -> None:
 
     def report(name, rate, memory, note=""):
         results.append((name, rate, rate * fpt / PEAK_FLOPS, memory, note))
-        print(f"  {name}: {rate:,.0f} tokens/s, MFU {rate * fpt / PEAK_FLOPS:.3f}, peak {memory:.1f} GiB {note}",
-              flush=True)
+        print(f"  {name}: {rate:,.0f} tokens/s, MFU {rate * fpt / PEAK_FLOPS:.3f}, peak {memory:.1f} GiB {note} "
+              f"[{time.perf_counter() - started:.0f} s]", flush=True)
 
     model.config._attn_implementation = "flex_attention"
     split = Split(args.grad_accum, None, tokens)
@@ -220,30 +227,13 @@ def main() -> None:
     if args.profile:
         profile_steps(model, examples, steps[:4], split, chunk, dict(pad_id=0, packing=True, row_length=tokens))
     mean_rate = statistics.median(rates["mean"])
-    report(f"harness (packed rows, {'compiled, ' if compiled else ''}chunked loss)", mean_rate, memory, "[mean]")
+    report(f"harness ({tokens}-token packed rows, {'compiled, ' if compiled else ''}chunked loss)", mean_rate, memory,
+           "[mean]")
     for mode in MODES[1:]:
         ratio = statistics.median(a / b for a, b in zip(rates[mode], rates["mean"]))
         print(f"    {mode:<10} vs mean: {ratio:.3f} (paired median of {args.rounds} rounds; "
               f"worst {min(a / b for a, b in zip(rates[mode], rates['mean'])):.3f})")
 
-    if "plain" not in skip:
-        try:
-            model.config._attn_implementation = "sdpa"
-            plain, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], Split(args.grad_accum),
-                                          None, False, 2, dict(pad_id=0, packing=False, row_length=max_len))
-            report("harness-plain (padded micro-batches, full logits, eager)", statistics.median(plain["mean"]), memory)
-            model.config._attn_implementation = "flex_attention"
-            same_mb, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"],
-                                                    Split(args.grad_accum), chunk, False, 2,
-                                                    dict(pad_id=0, packing=False, row_length=max_len))
-            report("harness, same padded micro-batches, chunked loss, eager", statistics.median(same_mb["mean"]),
-                   memory_chunked, f"(peak memory {memory / memory_chunked:.1f}x lower than plain)")
-        except torch.OutOfMemoryError as e:  # the plain path's full logits may not fit: say so and go on
-            print(f"  plain: out of memory at {args.batch_size // args.grad_accum} sequences per micro-batch "
-                  f"({str(e).splitlines()[0][:120]})")
-        finally:
-            model.config._attn_implementation = "flex_attention"
-            torch.cuda.empty_cache()
     n_trainer = 3 + 2 * args.steps
     for name, flatten in (("trainer-pad", False), ("trainer-flat", True)):
         if name in skip:
@@ -256,6 +246,30 @@ def main() -> None:
         except Exception as e:  # report and go on: the other figures still stand
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
+    for length in row_lengths[1:]:
+        rows = dict(pad_id=0, packing=True, row_length=length)
+        other, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"],
+                                      Split(args.grad_accum, None, length), chunk, compiled, 2, rows)
+        report(f"harness, {length}-token rows", statistics.median(other["mean"]), memory, "[mean]")
+    if "plain" not in skip:  # peak memory at the same (padded) micro-batches, plain loss vs chunked
+        same, per_mb = Split(args.grad_accum), args.batch_size // args.grad_accum
+        padded = dict(pad_id=0, packing=False, row_length=max_len)
+        try:
+            model.config._attn_implementation = "sdpa"
+            plain, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, None, False, 2, padded)
+            report(f"harness-plain ({per_mb}-sequence padded micro-batches, full logits, eager)",
+                   statistics.median(plain["mean"]), memory)
+        except torch.OutOfMemoryError as e:  # the plain path's full logits may not fit: say so and go on
+            memory = None
+            print(f"  plain: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
+        finally:
+            torch.cuda.empty_cache()
+        chunked, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, chunk, False,
+                                                2, padded)
+        model.config._attn_implementation = "flex_attention"
+        report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)",
+               statistics.median(chunked["mean"]), memory_chunked,
+               f"(peak memory {memory / memory_chunked:.1f}x lower than plain)" if memory else "")
     if args.regime:
         print("regime: semantic split of 1 sequence per micro-batch, batch 64 x accumulation 64")
         steps64 = training_order(len(examples), 64, 3 * 6, seed=1)
@@ -272,7 +286,7 @@ def main() -> None:
 
     print("\nsummary")
     for name, rate, mfu, memory, note in results:
-        print(f"  {name:<62}{rate:>12,.0f} tok/s  MFU {mfu:.3f}  peak {memory:5.1f} GiB  {note}")
+        print(f"  {name:<70}{rate:>12,.0f} tok/s  MFU {mfu:.3f}  peak {memory:5.1f} GiB  {note}")
 
 
 if __name__ == "__main__":

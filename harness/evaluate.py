@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from harness import artifacts
-from harness.batching import collate
+from harness.batching import collate, pack_into_rows
 from harness.distributed import World, all_reduce_sum, gather_to_main
 from harness.guard import NonFiniteError
 from harness.losses import per_example_sums, token_nll
@@ -18,16 +18,24 @@ from harness.losses import per_example_sums, token_nll
 @torch.no_grad()
 def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, row_length: int,
              device: torch.device, world: World, chunk_tokens: int | None = None,
-             step: int | None = None) -> pd.DataFrame | None:
+             step: int | None = None, tokens_per_row: int | None = None) -> pd.DataFrame | None:
     """One row per validation example (on rank 0; None elsewhere). Each rank evaluates every
     W-th example, so together they cover every example exactly once. A non-finite loss raises
-    NonFiniteError naming `step` on every rank."""
+    NonFiniteError naming `step` on every rank. `tokens_per_row`: the examples go packed into
+    rows of exactly that many tokens, one row per forward pass (training's physical rows:
+    a compiled model then meets no new shape; padded batches would recompile it for each)."""
     was_training = model.training
     model.eval()
     mine = sorted(examples[world.rank :: world.size], key=lambda e: e.seq_len)  # less padding
+    if tokens_per_row is None:
+        batches = (collate(mine[start : start + batch_size], pad_id, packing, row_length)
+                   for start in range(0, len(mine), batch_size))
+    else:
+        batches = (collate([mine[i] for i in row], pad_id, packing=True, row_length=tokens_per_row, fixed_length=True)
+                   for row in pack_into_rows([e.seq_len for e in mine], tokens_per_row))
     rows = []
-    for start in range(0, len(mine), batch_size):
-        batch = collate(mine[start : start + batch_size], pad_id, packing, row_length).to(device)
+    for batch in batches:
+        batch = batch.to(device)
         sums = per_example_sums(token_nll(model, batch, chunk_tokens), batch).double().cpu().tolist()
         rows += [(e.example_id, e.seq_len, e.target_tokens, s) for e, s in zip(batch.examples, sums)]
     model.train(was_training)
@@ -55,11 +63,12 @@ def summary(df: pd.DataFrame) -> dict[str, float]:
 
 
 def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
-                     layout: dict, device: torch.device, world: World, chunk_tokens: int | None) -> dict[str, float]:
+                     layout: dict, device: torch.device, world: World, chunk_tokens: int | None,
+                     tokens_per_row: int | None = None) -> dict[str, float]:
     """Evaluate, write `eval/step_<step>.parquet` (and `eval/final.parquet` at the end) into
     `out_dir` and the run, log the summary metrics, and return them (empty off rank 0)."""
     df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
-                  step=step, **layout)
+                  step=step, tokens_per_row=tokens_per_row, **layout)
     if df is None:
         return {}
     folder = out_dir / artifacts.EVAL_DIR

@@ -134,7 +134,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
     step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
                      autocast_dtype=autocast_dtype(t.precision, device))
     eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
-                     chunk_tokens=run.chunk_tokens)
+                     chunk_tokens=run.chunk_tokens, tokens_per_row=t.tokens_per_micro_batch)
     train_set = run.data.train
 
     def plan(step: int):

@@ -33,3 +33,21 @@ def test_chunked_loss_path_gives_the_same_per_example_losses():
     chunked = evaluate(tiny_model(), make_examples(LENGTHS), batch_size=4, pad_id=0, packing=True, row_length=64,
                        device="cpu", world=World(), chunk_tokens=16)
     assert ((chunked.loss_sum - base.loss_sum).abs() / base.loss_sum).max() < 1e-12
+
+
+def test_training_rows_give_the_same_per_example_losses_in_one_shape(monkeypatch):
+    """With tokens_per_row every forward pass has the same shape (a compiled model meets no new
+    one) and the per-example losses are those of padded batches."""
+    import harness.evaluate as ev
+
+    shapes = []
+    real_token_nll = ev.token_nll
+    monkeypatch.setattr(ev, "token_nll", lambda model, batch, chunk: shapes.append(tuple(batch.input_ids.shape))
+                        or real_token_nll(model, batch, chunk))
+    base = per_example(packing=False, batch_size=4)
+    shapes.clear()
+    rows = evaluate(tiny_model(), make_examples(LENGTHS), batch_size=4, pad_id=0, packing=False, row_length=64,
+                    device="cpu", world=World(), tokens_per_row=70)
+    assert (rows.example_id == base.example_id).all()
+    assert ((rows.loss_sum - base.loss_sum).abs() / base.loss_sum).max() < 1e-10
+    assert set(shapes) == {(1, 70)} and len(shapes) == 4  # 213 tokens: four 70-token rows, first fit

@@ -103,22 +103,24 @@ def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
     assert has_grad.float().mean() > 0.5 and (after != before)[has_grad].float().mean() > 0.99
 
 
-def test_threads_auto_is_one_on_the_cpu_and_null_leaves_torchs_choice():
+def test_threads_auto_shares_the_cores_among_concurrent_jobs_and_null_leaves_torchs_choice():
     import torch
 
     from harness.train import set_threads
 
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        set_threads(None, torch.device("cpu"))
-        assert torch.get_num_threads() == 2
-        set_threads("auto", torch.device("cpu"))
-        assert torch.get_num_threads() == 1
-        set_threads(2, torch.device("cpu"))
-        assert torch.get_num_threads() == 2
-        set_threads("auto", torch.device("cuda"))  # a GPU run keeps torch's default for its CPU work
-        assert torch.get_num_threads() == 2
+        for setting, jobs, device, expected in [
+            (None, 1, "cpu", 4),
+            ("auto", 1, "cpu", 4),  # the basic launcher: torch's default
+            ("auto", 2, "cpu", 2),  # joblib with n_jobs=2: half the cores each
+            ("auto", 8, "cpu", 1),
+            ("auto", 2, "cuda", 4),  # a GPU job keeps torch's default for its CPU work
+            (3, 2, "cpu", 3),
+        ]:
+            torch.set_num_threads(4)
+            set_threads(setting, torch.device(device), jobs)
+            assert torch.get_num_threads() == expected, (setting, jobs, device)
     finally:
         torch.set_num_threads(before)
 

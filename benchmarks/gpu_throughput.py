@@ -46,7 +46,7 @@ from harness.step import Split, plan_step, run_step
 from harness.data_order import training_order
 
 PEAK_FLOPS = 989e12
-DEVICE = "cuda"  # a smoke test may set "cpu"
+DEVICE = "cuda"
 MODELS = {
     "qwen0.5b": lambda: Qwen2ForCausalLM(Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -259,7 +259,7 @@ def main() -> None:
         except Exception as e:  # report and go on: the other figures still stand
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
-    for length in row_lengths[1:]:
+    for length in (max(n, max_len) for n in row_lengths[1:]):
         rows = dict(pad_id=0, packing=True, row_length=length)
         other, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"],
                                       Split(args.grad_accum, None, length), chunk, compiled, 2, rows)
@@ -277,12 +277,17 @@ def main() -> None:
             print(f"  plain: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
         finally:
             torch.cuda.empty_cache()
-        chunked, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, chunk, False,
-                                                2, padded)
-        model.config._attn_implementation = "flex_attention"
-        report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)",
-               statistics.median(chunked["mean"]), memory_chunked,
-               f"(peak memory {memory / memory_chunked:.1f}x lower than plain)" if memory else "")
+        try:
+            chunked, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, chunk,
+                                                    False, 2, padded)
+            report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)",
+                   statistics.median(chunked["mean"]), memory_chunked,
+                   f"(peak memory {memory / memory_chunked:.1f}x lower than plain)" if memory else "")
+        except torch.OutOfMemoryError as e:
+            print(f"  chunked: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
+        finally:
+            model.config._attn_implementation = "flex_attention"
+            torch.cuda.empty_cache()
     if args.regime:
         print("regime: semantic split of 1 sequence per micro-batch, batch 64 x accumulation 64")
         steps64 = training_order(len(examples), 64, 3 * 6, seed=1)

@@ -22,8 +22,8 @@ def evaluate(model, examples, *, batch_size: int, pad_id: int, packing: bool, ro
     """One row per validation example (on rank 0; None elsewhere). Each rank evaluates every
     W-th example, so together they cover every example exactly once. A non-finite loss raises
     NonFiniteError naming `step` on every rank. `tokens_per_row`: the examples go packed into
-    rows of exactly that many tokens, one row per forward pass (training's physical rows:
-    a compiled model then meets no new shape; padded batches would recompile it for each)."""
+    rows of exactly that many tokens, one row per forward pass (training's physical rows: a
+    compiled model compiles once for validation, where padded batches recompile it per shape)."""
     was_training = model.training
     model.eval()
     mine = sorted(examples[world.rank :: world.size], key=lambda e: e.seq_len)  # less padding

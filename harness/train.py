@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -49,23 +50,34 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
 
 
 def set_threads(setting, device: torch.device, concurrent_jobs: int = 1) -> None:
-    """torch's CPU threads. `auto`: torch's default (one per core), shared out when a launcher runs
-    several jobs at once on the CPU; threads that outnumber the free cores wait for each other
-    and the default sweep ran ~7x slower (README has the measurements)."""
+    """torch's CPU threads. `auto`: torch's default (one per core), or the cores shared out when
+    jobs run side by side on this machine's CPU; threads that outnumber the free cores wait for
+    each other, and the default sweep ran ~7x slower so (README has the measurements)."""
     if setting == "auto":
         setting = None
         if device.type == "cpu" and concurrent_jobs > 1:
-            setting = max(1, torch.get_num_threads() // concurrent_jobs)
+            setting = max(1, available_cores() // concurrent_jobs)
     if setting is not None:
         torch.set_num_threads(setting)
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (taskset, cgroups)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def concurrent_jobs() -> int:
-    """Jobs this job's launcher runs at once (joblib's n_jobs; 1 for the basic launcher)."""
-    if not HydraConfig.initialized():
+    """Jobs of this sweep running side by side on this machine: joblib's n_jobs; every job of a
+    sweep under submitit's local executor, which starts them all at once (counted as one per
+    core); 1 for the basic launcher, a single run, or a job that has a node of its own."""
+    if "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+        return available_cores()
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return 1
     n = int(HydraConfig.get().launcher.get("n_jobs") or 1)
-    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)  # joblib: -1 is every core, -2 all but one
+    return n if n > 0 else max(1, available_cores() + 1 + n)  # joblib: -1 is every core, -2 all but one
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

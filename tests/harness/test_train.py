@@ -103,26 +103,49 @@ def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
     assert has_grad.float().mean() > 0.5 and (after != before)[has_grad].float().mean() > 0.99
 
 
-def test_threads_auto_shares_the_cores_among_concurrent_jobs_and_null_leaves_torchs_choice():
+def test_threads_auto_shares_the_cores_among_concurrent_jobs_and_null_leaves_torchs_choice(monkeypatch):
     import torch
 
+    import harness.train
     from harness.train import set_threads
 
+    monkeypatch.setattr(harness.train, "available_cores", lambda: 4)
     before = torch.get_num_threads()
     try:
         for setting, jobs, device, expected in [
-            (None, 1, "cpu", 4),
-            ("auto", 1, "cpu", 4),  # the basic launcher: torch's default
+            (None, 1, "cpu", 3),
+            ("auto", 1, "cpu", 3),  # the basic launcher: torch's default
             ("auto", 2, "cpu", 2),  # joblib with n_jobs=2: half the cores each
             ("auto", 8, "cpu", 1),
-            ("auto", 2, "cuda", 4),  # a GPU job keeps torch's default for its CPU work
-            (3, 2, "cpu", 3),
+            ("auto", 2, "cuda", 3),  # a GPU job keeps torch's default for its CPU work
+            (5, 2, "cpu", 5),
         ]:
-            torch.set_num_threads(4)
+            torch.set_num_threads(3)
             set_threads(setting, torch.device(device), jobs)
+            set_threads(setting, torch.device(device), jobs)  # the next job in the same worker: the same
             assert torch.get_num_threads() == expected, (setting, jobs, device)
     finally:
         torch.set_num_threads(before)
+
+
+def test_concurrent_jobs_counts_joblibs_workers_and_submitits_local_jobs(monkeypatch):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    import harness.train
+    from harness.train import concurrent_jobs
+
+    monkeypatch.setattr(harness.train, "available_cores", lambda: 4)
+    monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID", raising=False)
+    assert concurrent_jobs() == 1  # no Hydra job
+    multi, single = RunMode.MULTIRUN, RunMode.RUN
+    for mode, n_jobs, expected in [(multi, 2, 2), (multi, -1, 4), (multi, -2, 3), (multi, None, 1), (single, 2, 1)]:
+        hydra_cfg = OmegaConf.create({"mode": mode, "launcher": {"n_jobs": n_jobs}})
+        monkeypatch.setattr(harness.train.HydraConfig, "initialized", staticmethod(lambda: True))
+        monkeypatch.setattr(harness.train.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+        assert concurrent_jobs() == expected, (mode, n_jobs)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "123")
+    assert concurrent_jobs() == 4  # every job at once: one thread each
 
 
 def test_throughput_logs_each_interval_and_shows_a_smoothed_rate(monkeypatch):

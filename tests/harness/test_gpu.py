@@ -57,7 +57,7 @@ def test_chunked_loss_matches_plain_in_bf16(device):
                                                    batch.target_index)
         loss.backward()
         per_example = per_example_sums(nll.double(), batch) / torch.tensor([e.target_tokens for e in examples], device=device)
-        results[chunk] = (per_example, torch.cat([p.grad.flatten() for p in model.parameters()]), float(loss))
+        results[chunk] = (per_example, torch.cat([p.grad.flatten() for p in model.parameters()]), float(loss.detach()))
     (pe_plain, g_plain, l_plain), (pe_chunk, g_chunk, l_chunk) = results[None], results[1024]
     assert (pe_plain - pe_chunk).abs().max() < 2e-3
     assert abs(l_plain - l_chunk) / abs(l_plain) < 1e-3

@@ -51,8 +51,8 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
 
 def set_threads(setting, device: torch.device, concurrent_jobs: int = 1) -> None:
     """torch's CPU threads. `auto`: torch's default (one per core), or the cores shared out when
-    jobs run side by side on this machine's CPU; threads that outnumber the free cores wait for
-    each other, and the default sweep ran ~7x slower so (README has the measurements)."""
+    jobs run side by side on this machine's CPU: threads that outnumber the free cores wait for
+    each other (the default sweep ran ~7x slower so; README has the measurements)."""
     if setting == "auto":
         setting = None
         if device.type == "cpu" and concurrent_jobs > 1:
@@ -280,7 +280,7 @@ class Throughput:
     def rate(self) -> float:
         now = time.perf_counter()
         rate = self.since / (now - self.tic)
-        self.tic, self.since = now, 0
+        self.tic, self.since = now, 0  # the next interval starts where this one ended (not restart(): no gap)
         self.smoothed = rate if self.smoothed is None else self.smoothed + self.smoothing * (rate - self.smoothed)
         return rate
 

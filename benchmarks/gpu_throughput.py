@@ -46,7 +46,6 @@ from harness.step import Split, plan_step, run_step
 from harness.data_order import training_order
 
 PEAK_FLOPS = 989e12
-DEVICE = "cuda"
 MODELS = {
     "qwen0.5b": lambda: Qwen2ForCausalLM(Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -91,7 +90,7 @@ def sync() -> None:
 
 def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: bool, rounds: int, layout: dict):
     """tokens/s of each mode per round; each round trains every mode on the same steps."""
-    device = torch.device(DEVICE)
+    device = torch.device("cuda")
     step_model = CausalLMLoss(model, chunk)
     if compiled:
         torch._dynamo.reset()  # a new row length gets its own static graph, not a dynamic-shape one
@@ -134,7 +133,7 @@ def profile_steps(model, examples, step_ids, split: Split, chunk, layout: dict, 
     plans = [plan_step(examples, ids, mode="mean", loss_scale=1e-3, split=split, world=World(), layout=layout).pin()
              for ids in step_ids]
     run = lambda p: run_step(step_model, optimizer, None, p, max_grad_norm=1.0, world=World(),  # noqa: E731
-                             device=torch.device(DEVICE), autocast_dtype=torch.bfloat16)
+                             device=torch.device("cuda"), autocast_dtype=torch.bfloat16)
     run(plans[0])
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -186,7 +185,7 @@ def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tupl
                              report_to=[], dataloader_num_workers=2, remove_unused_columns=False,
                              max_grad_norm=1.0, disable_tqdm=True)
     torch.cuda.reset_peak_memory_stats()
-    InOrder(model=model.to(DEVICE), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
+    InOrder(model=model.cuda(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
     return tokens_after_warm / (clock.toc - clock.tic), torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -211,7 +210,7 @@ def main() -> None:
     started = time.perf_counter()
 
     torch.manual_seed(0)
-    model = MODELS[args.model]().to(DEVICE)
+    model = MODELS[args.model]().cuda()
     vocab, fpt = model.config.vocab_size, flops_per_token(model)
     examples = embedded_examples(8192, vocab) if args.data == "embedded" else long_examples(4096, vocab)
     steps = training_order(len(examples), args.batch_size, args.steps * (args.rounds + 1), seed=0)
@@ -265,29 +264,29 @@ def main() -> None:
                                       Split(args.grad_accum, None, length), chunk, compiled, 2, rows)
         report(f"harness, {length}-token rows", statistics.median(other["mean"]), memory, "[mean]")
     if "plain" not in skip:  # peak memory at the same (padded) micro-batches, plain loss vs chunked
-        same, per_mb = Split(args.grad_accum), args.batch_size // args.grad_accum
-        padded = dict(pad_id=0, packing=False, row_length=max_len)
-        try:
-            model.config._attn_implementation = "sdpa"
-            plain, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, None, False, 2, padded)
-            report(f"harness-plain ({per_mb}-sequence padded micro-batches, full logits, eager)",
-                   statistics.median(plain["mean"]), memory)
-        except torch.OutOfMemoryError as e:  # the plain path's full logits may not fit: say so and go on
-            memory = None
-            print(f"  plain: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
-        finally:
-            torch.cuda.empty_cache()
-        try:
-            chunked, memory_chunked = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], same, chunk,
-                                                    False, 2, padded)
-            report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)",
-                   statistics.median(chunked["mean"]), memory_chunked,
-                   f"(peak memory {memory / memory_chunked:.1f}x lower than plain)" if memory else "")
-        except torch.OutOfMemoryError as e:
-            print(f"  chunked: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
-        finally:
-            model.config._attn_implementation = "flex_attention"
-            torch.cuda.empty_cache()
+        per_mb = args.batch_size // args.grad_accum
+
+        def padded(what: str, loss_chunk):
+            """(tokens/s, peak GiB) at the semantic micro-batches run padded; None if they do not fit."""
+            try:
+                rates, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], Split(args.grad_accum),
+                                              loss_chunk, False, 2, dict(pad_id=0, packing=False, row_length=max_len))
+                return statistics.median(rates["mean"]), memory
+            except torch.OutOfMemoryError as e:  # the plain path's full logits may not fit: say so and go on
+                print(f"  {what}: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
+                return None
+            finally:
+                torch.cuda.empty_cache()
+
+        model.config._attn_implementation = "sdpa"
+        plain = padded("plain", None)
+        if plain:
+            report(f"harness-plain ({per_mb}-sequence padded micro-batches, full logits, eager)", *plain)
+        chunked = padded("chunked", chunk)
+        model.config._attn_implementation = "flex_attention"
+        if chunked:
+            report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)", *chunked,
+                   f"(peak memory {plain[1] / chunked[1]:.1f}x lower than plain)" if plain else "")
     if args.regime:
         print("regime: semantic split of 1 sequence per micro-batch, batch 64 x accumulation 64")
         steps64 = training_order(len(examples), 64, 3 * 6, seed=1)

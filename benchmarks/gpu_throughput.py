@@ -17,8 +17,8 @@ order for the same steps with
 Real tokens/s counts non-padding tokens. MFU = 6 * (non-embedding parameters + vocabulary *
 hidden) * tokens/s / 989e12 (dense bf16 peak of an H100/H200 SXM).
 --regime adds the study regime where the reduction matters most: the semantic split of one
-sequence per micro-batch (batch 64, accumulation 64), run physically packed, the same rows as one
-semantic micro-batch, and run literally.
+sequence per micro-batch (batch 64, accumulation 64) in every mode, run physically in packed rows,
+paired with the same rows as one semantic micro-batch; then the 64 micro-batches run literally.
 Each harness line is preceded by its compile and warm-up time. On a fresh H200 machine the first
 compile took about 2 minutes for the 0.5B shape and 5 for the SmolLM2 shape (30 layers); give a
 run --model smollm135m --regime 10 minutes. Processes after it reuse inductor's cache on disk.
@@ -88,8 +88,10 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: bool, rounds: int, layout: dict):
-    """tokens/s of each mode per round; each round trains every mode on the same steps."""
+def harness_rates(model, examples, steps, arms: dict[str, tuple[str, Split]], chunk, compiled: bool, rounds: int,
+                  layout: dict):
+    """tokens/s of each arm (a reduction mode and a semantic split) per round; each round trains
+    every arm on the same steps, in a rotated order, so that arms compare paired."""
     device = torch.device("cuda")
     step_model = CausalLMLoss(model, chunk)
     if compiled:
@@ -97,7 +99,9 @@ def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: 
         step_model.compile_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
-    def train(mode, step_ids) -> float:
+    def train(arm, step_ids) -> float:
+        mode, split = arms[arm]
+
         def plan(k):
             return plan_step(examples, step_ids[k], mode=mode, loss_scale=1e-3, split=split, world=World(),
                              layout=layout).pin()
@@ -113,15 +117,21 @@ def harness_rates(model, examples, steps, modes, split: Split, chunk, compiled: 
 
     per_round = len(steps) // (rounds + 1)
     tic = time.perf_counter()
-    train(modes[0], steps[:per_round])  # warm-up and compilation
+    names = list(arms)
+    train(names[0], steps[:per_round])  # warm-up and compilation
     print(f"    ({'compiling and ' if compiled else ''}warming up: {time.perf_counter() - tic:.0f} s)", flush=True)
     torch.cuda.reset_peak_memory_stats()
-    rates = {m: [] for m in modes}
+    rates = {a: [] for a in names}
     for r in range(rounds):
         same = steps[(r + 1) * per_round : (r + 2) * per_round]
-        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
-            rates[mode].append(train(mode, same))
+        for arm in names[r % len(names):] + names[: r % len(names)]:
+            rates[arm].append(train(arm, same))
     return rates, torch.cuda.max_memory_allocated() / 2**30
+
+
+def paired(rates: dict, arm: str, base: str) -> str:
+    ratios = [a / b for a, b in zip(rates[arm], rates[base])]
+    return f"{statistics.median(ratios):.3f} (paired median of {len(ratios)} rounds; worst {min(ratios):.3f})"
 
 
 def profile_steps(model, examples, step_ids, split: Split, chunk, layout: dict, top: int = 25) -> None:
@@ -200,7 +210,7 @@ def main() -> None:
                         "side (the embedded data's 128-sequence steps fill one 20,480-token row to 89%%, two 10,240-token rows to 90%%)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--skip", default="", help="comma-separated: harness,plain,trainer-pad,trainer-flat")
+    p.add_argument("--skip", default="", help="comma-separated: harness,plain,trainer-pad,trainer-flat,literal (the regime's literal run)")
     p.add_argument("--regime", action="store_true", help="also: 1 sequence per micro-batch, literal vs physical")
     p.add_argument("--no-compile", action="store_true", help="the harness's fast settings without torch.compile")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels that take the harness's time")
@@ -234,17 +244,15 @@ def main() -> None:
     compiled = not args.no_compile
     mean_rate = None
     if "harness" not in skip:
-        rates, memory = harness_rates(model, examples, steps, list(MODES), split, chunk, compiled, args.rounds,
-                                      dict(pad_id=0, packing=True, row_length=tokens))
+        rates, memory = harness_rates(model, examples, steps, {m: (m, split) for m in MODES}, chunk, compiled,
+                                      args.rounds, dict(pad_id=0, packing=True, row_length=tokens))
         if args.profile:
             profile_steps(model, examples, steps[:4], split, chunk, dict(pad_id=0, packing=True, row_length=tokens))
         mean_rate = statistics.median(rates["mean"])
         report(f"harness ({tokens}-token packed rows, {'compiled, ' if compiled else ''}chunked loss)", mean_rate, memory,
                "[mean]")
         for mode in MODES[1:]:
-            ratio = statistics.median(a / b for a, b in zip(rates[mode], rates["mean"]))
-            print(f"    {mode:<10} vs mean: {ratio:.3f} (paired median of {args.rounds} rounds; "
-                  f"worst {min(a / b for a, b in zip(rates[mode], rates['mean'])):.3f})")
+            print(f"    {mode:<10} vs mean: {paired(rates, mode, 'mean')}")
 
     n_trainer = 3 + 2 * args.steps
     for name, flatten in (("trainer-pad", False), ("trainer-flat", True)):
@@ -260,8 +268,8 @@ def main() -> None:
 
     for length in (max(n, max_len) for n in row_lengths[1:]):
         rows = dict(pad_id=0, packing=True, row_length=length)
-        other, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"],
-                                      Split(args.grad_accum, None, length), chunk, compiled, 2, rows)
+        other, memory = harness_rates(model, examples, steps[: 3 * args.steps],
+                                      {"mean": ("mean", Split(args.grad_accum, None, length))}, chunk, compiled, 2, rows)
         report(f"harness, {length}-token rows", statistics.median(other["mean"]), memory, "[mean]")
     if "plain" not in skip:  # peak memory at the same (padded) micro-batches, plain loss vs chunked
         per_mb = args.batch_size // args.grad_accum
@@ -269,8 +277,9 @@ def main() -> None:
         def padded(what: str, loss_chunk):
             """(tokens/s, peak GiB) at the semantic micro-batches run padded; None if they do not fit."""
             try:
-                rates, memory = harness_rates(model, examples, steps[: 3 * args.steps], ["mean"], Split(args.grad_accum),
-                                              loss_chunk, False, 2, dict(pad_id=0, packing=False, row_length=max_len))
+                rates, memory = harness_rates(model, examples, steps[: 3 * args.steps],
+                                              {"mean": ("mean", Split(args.grad_accum))}, loss_chunk, False, 2,
+                                              dict(pad_id=0, packing=False, row_length=max_len))
                 return statistics.median(rates["mean"]), memory
             except torch.OutOfMemoryError as e:  # the plain path's full logits may not fit: say so and go on
                 print(f"  {what}: out of memory at {per_mb} sequences per micro-batch ({str(e).splitlines()[0][:120]})")
@@ -288,20 +297,27 @@ def main() -> None:
             report(f"harness ({per_mb}-sequence padded micro-batches, chunked loss, eager)", *chunked,
                    f"(peak memory {plain[1] / chunked[1]:.1f}x lower than plain)" if plain else "")
     if args.regime:
-        print("regime: semantic split of 1 sequence per micro-batch, batch 64 x accumulation 64")
-        steps64 = training_order(len(examples), 64, 3 * 6, seed=1)
+        # Every mode at the semantic split of one sequence per micro-batch, and `mean` with the same
+        # 64 sequences as one semantic micro-batch, all in the same packed rows: one compile, paired.
+        print("regime: batch 64 x accumulation 64 (1 sequence per micro-batch), run in packed rows")
+        steps64 = training_order(len(examples), 64, 6 * (args.rounds + 1), seed=1)
         model.config._attn_implementation = "flex_attention"
-        fast, _ = harness_rates(model, examples, steps64, ["mean"], Split(64, None, tokens), chunk, compiled, 2,
-                                dict(pad_id=0, packing=True, row_length=tokens))
-        whole, _ = harness_rates(model, examples, steps64, ["mean"], Split(1, None, tokens), chunk, compiled, 2,
-                                 dict(pad_id=0, packing=True, row_length=tokens))
-        f, w = statistics.median(fast["mean"]), statistics.median(whole["mean"])
-        print(f"  semantic 64x64, physical packed rows: {f:,.0f} tokens/s; the same rows as one semantic "
-              f"micro-batch: {w:,.0f} ({f / w:.3f})", flush=True)
-        literal, _ = harness_rates(model, examples, steps64[: 3 * 3], ["mean"], Split(64), chunk, False, 2,
-                                   dict(pad_id=0, packing=False, row_length=max_len))
-        lit = statistics.median(literal["mean"])
-        print(f"  the 64 micro-batches run literally (eager, padded): {lit:,.0f} tokens/s ({lit / f:.3f})")
+        rows = dict(pad_id=0, packing=True, row_length=tokens)
+        arms = {f"{m} 64x64": (m, Split(64, None, tokens)) for m in MODES} | {"mean 64x1": ("mean", Split(1, None, tokens))}
+        rates, memory = harness_rates(model, examples, steps64, arms, chunk, compiled, args.rounds, rows)
+        report("harness, semantic 64x64 in packed rows", statistics.median(rates["mean 64x64"]), memory, "[mean]")
+        print(f"  semantic 64x64 vs the same rows as one semantic micro-batch (64x1), mean: "
+              f"{paired(rates, 'mean 64x64', 'mean 64x1')}")
+        for mode in MODES[1:]:
+            print(f"    {mode:<10} 64x64 vs mean 64x64: {paired(rates, f'{mode} 64x64', 'mean 64x64')}")
+        if "literal" not in skip:  # eager and padded, so sdpa: FlexAttention uncompiled materialises the scores
+            model.config._attn_implementation = "sdpa"
+            literal, _ = harness_rates(model, examples, steps64[:9], {"mean": ("mean", Split(64))}, chunk, False, 2,
+                                       dict(pad_id=0, packing=False, row_length=max_len))
+            model.config._attn_implementation = "flex_attention"
+            lit = statistics.median(literal["mean"])
+            print(f"  the 64 micro-batches run literally (eager, one sequence each): {lit:,.0f} tokens/s "
+                  f"({lit / statistics.median(rates['mean 64x64']):.3f} of packed)", flush=True)
 
     print("\nsummary")
     for name, rate, mfu, memory, note in results:

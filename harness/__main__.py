@@ -28,24 +28,38 @@ def app(cfg: DictConfig):
     import torch
 
     from harness.distributed import world_from_env
-    from harness.gpu_slots import claim_gpu
-    from harness.train import train
+    from harness.gpu_slots import claim_gpus, visible_ids
+    from harness.job_ranks import run_ranks
+    from harness.train import available_cores, concurrent_jobs, train
 
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return train(cfg, Path(hc.runtime.output_dir))
-    slot = None
+    multirun = hc.mode == RunMode.MULTIRUN
+    out_dir = Path(hc.runtime.output_dir)
+    ranks = cfg.trainer.ranks_per_job
+    if not multirun and ranks == 1:
+        return train(cfg, out_dir)
+    gpus, slots = [], []
     if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
-        index, slot = claim_gpu(Path(hc.sweep.dir))  # jobs running side by side get a GPU each
-        torch.cuda.set_device(index)
-        log.info("job %s runs on cuda:%d", hc.job.num, index)
+        # jobs running side by side get GPUs of their own
+        gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks)
+        log.info("job %s runs on %s", hc.job.num, ", ".join(f"cuda:{i}" for i in gpus))
+    parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
     try:
-        return train(cfg, Path(hc.runtime.output_dir), parent_run_id(Path(hc.sweep.dir)))
+        if ranks > 1:
+            threads = None
+            if not gpus and cfg.trainer.threads == "auto":  # the job's share of the cores, divided among its ranks
+                threads = max(1, available_cores() // (concurrent_jobs() * ranks))
+            return run_ranks(cfg, out_dir, parent, visible_ids(gpus) if gpus else None, threads)
+        if gpus:
+            torch.cuda.set_device(gpus[0])
+        return train(cfg, out_dir, parent)
     except Exception as e:  # the run is marked FAILED in MLflow; the sweep goes on
+        if not multirun:
+            raise
         log.exception("job %s failed", hc.job.num)
         return {"failed": f"{type(e).__name__}: {e}"}
     finally:
-        if slot is not None:
+        for slot in slots:
             slot.release()
 
 

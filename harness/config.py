@@ -50,7 +50,7 @@ def validate(cfg: DictConfig) -> None:
     # imported here, not above: --help and --cfg load this module and need no torch or transformers
     from transformers import SchedulerType
 
-    from harness.distributed import world_from_env
+    from harness.distributed import launched_by_torchrun, started_by_harness, world_from_env
     from harness.reduction import MODES
 
     _choice("reduce_loss", cfg.reduce_loss, MODES)
@@ -76,7 +76,12 @@ def validate(cfg: DictConfig) -> None:
         _int("trainer.threads", t.threads)
     if t.loss_chunk_tokens not in ("auto", None):
         _int("trainer.loss_chunk_tokens", t.loss_chunk_tokens)
-    running = world_from_env().size
+    _int("trainer.ranks_per_job", t.ranks_per_job)
+    if t.ranks_per_job > 1 and launched_by_torchrun() and not started_by_harness():
+        raise ConfigError(f"trainer.ranks_per_job={t.ranks_per_job} starts a job's ranks itself; under torchrun leave it at 1")
+    if t.ranks_per_job > 1 and t.device != "cpu" and cuda_count() and t.ranks_per_job > cuda_count():
+        raise ConfigError(f"trainer.ranks_per_job={t.ranks_per_job} needs as many GPUs; {cuda_count()} visible")
+    running = world_from_env().size if launched_by_torchrun() else t.ranks_per_job
     if t.world_size is not None:
         _int("trainer.world_size", t.world_size)
     world = t.world_size or running
@@ -160,13 +165,18 @@ def job_dirname(num, overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/train.yaml hydra.sweep.subdir
 
 
-def gpu_count() -> int:
-    """Visible CUDA devices, at least 1 (conf/hydra/launcher/gpus.yaml: one job per GPU)."""
+def cuda_count() -> int:
+    """Visible CUDA devices (0 without CUDA)."""
     import torch
-    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
+def gpu_jobs(ranks_per_job=1) -> int:
+    """Jobs that fit side by side on the visible GPUs, at least 1 (conf/hydra/launcher/gpus.yaml)."""
+    return max(1, cuda_count() // max(1, int(ranks_per_job)))
+
+
+OmegaConf.register_new_resolver("gpu_jobs", gpu_jobs, replace=True)
 
 
 def row_length(data_cfg) -> int:

@@ -20,8 +20,17 @@ class World:
         return self.rank == 0
 
 
+# Set in the ranks that a job of trainer.ranks_per_job > 1 starts itself (harness/job_ranks.py).
+JOB_RANKS_ENV = "HARNESS_JOB_RANKS"
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def started_by_harness() -> bool:
+    """A rank of a job that trainer.ranks_per_job made several, not one that the user's torchrun started."""
+    return launched_by_torchrun() and os.environ.get(JOB_RANKS_ENV) == os.environ["WORLD_SIZE"]
 
 
 def world_from_env() -> World:

@@ -141,8 +141,9 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, float]:
-    """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow."""
+def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[str] | None = None) -> dict[str, float]:
+    """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
+    `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
     validate(cfg)
     t = cfg.trainer
     world = distributed.world_from_env()
@@ -177,7 +178,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None) -> dict[str, flo
         done = 0  # steps already trained
         if job.resume_from is not None:
             done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
-        name = run_name(cfg.reduce_loss, cfg.seed, job_overrides(), parent_run_id) if world.is_main else ""
+        name = run_name(cfg.reduce_loss, cfg.seed, job_overrides() if overrides is None else overrides, parent_run_id) if world.is_main else ""
         tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)

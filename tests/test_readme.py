@@ -74,6 +74,9 @@ COMMANDS = {
     "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=gpus": RunBy(
         SCALING + "test_joblib_runs_the_jobs_side_by_side_with_pairing_and_analysis",
         "with QUICK settings, one seed and two jobs side by side on the CPU"),
+    "python -m harness -m reduce_loss=mean,sum seed=0,1 hydra/launcher=gpus trainer.ranks_per_job=2": RunBy(
+        SCALING + "test_a_job_of_two_ranks_trains_as_ddp_with_pairing_and_analysis",
+        "with QUICK settings, one seed, the basic launcher and two gloo ranks per job on the CPU"),
     "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=slurm hydra.launcher.partition=gpu "
     "hydra.launcher.timeout_min=240 tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints":
         NotRun("needs a SLURM cluster; the same launcher runs locally in "
@@ -99,6 +102,10 @@ COMMANDS = {
         HERE + "test_sweeps_then_every_analysis_command", "on the newest sweep, all_modes, which has token_mean"),
     # Benchmarks: scripts that print figures, not tests
     "python benchmarks/gpu_throughput.py --model qwen0.5b --data embedded": NotRun("needs a GPU"),
+    "python benchmarks/gpu_throughput.py --model qwen0.5b --data embedded --tokens-per-micro-batch 20480,10240 "
+    "--skip trainer-flat": NotRun("needs a GPU"),
+    "python benchmarks/gpu_throughput.py --model smollm135m --data long --batch-size 64 --grad-accum 64 "
+    "--tokens-per-micro-batch 16384 --regime --skip harness,plain,trainer-pad,trainer-flat": NotRun("needs a GPU"),
     "python benchmarks/reduction_throughput.py [--small] [--packing]": NotRun("prints throughput; minutes"),
     "python benchmarks/analysis_speed.py": NotRun("prints the analysis time on 1M rows; about a minute"),
     "python benchmarks/interval_coverage.py": NotRun("prints coverage over 400 simulated tables; minutes"),

@@ -84,6 +84,8 @@ def test_valid_settings_pass(argv):
     (["seed=abc"], "seed='abc' is not an integer"),
     (["trainer.batch_size=1"], "trainer.batch_size=1 leaves a rank without data"),
     (["trainer.batch_size=6", "trainer.grad_accum=4"], "trainer.batch_size=6 must be a multiple of grad_accum"),
+    (["trainer.ranks_per_job=0"], "trainer.ranks_per_job=0 must be >= 1"),
+    (["trainer.ranks_per_job=3"], "trainer.batch_size=16 must be a multiple of grad_accum*world_size=6"),
     (["trainer.lr=0"], "trainer.lr=0 must be a number > 0"),
     (["trainer.device=tpu"], "trainer.device='tpu' is not valid"),
     (["trainer.scheduler=nope"], "trainer.scheduler='nope' is not valid"),
@@ -158,3 +160,18 @@ def test_trainer_threads_is_auto_null_or_a_positive_count(value, accepted):
     else:
         with pytest.raises(InputError, match="trainer.threads="):
             check_command_line([f"trainer.threads={value}"])
+
+
+def test_ranks_per_job_counts_gpus_and_refuses_torchrun(monkeypatch):
+    import harness.config as config
+    monkeypatch.setattr(config, "cuda_count", lambda: 4)
+    assert [config.gpu_jobs(r) for r in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]  # conf/hydra/launcher/gpus.yaml
+    with pytest.raises(InputError, match="trainer.ranks_per_job=8 needs as many GPUs; 4 visible"):
+        check_command_line(["trainer.ranks_per_job=8", "trainer.batch_size=32"])
+    check_command_line(["trainer.ranks_per_job=8", "trainer.batch_size=32", "trainer.device=cpu"])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="starts a job's ranks itself; under torchrun leave it at 1"):
+        check_command_line(["trainer.ranks_per_job=2"])
+    monkeypatch.setenv("HARNESS_JOB_RANKS", "2")  # a rank that such a job started
+    check_command_line(["trainer.ranks_per_job=2"])

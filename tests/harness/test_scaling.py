@@ -108,3 +108,27 @@ def test_submitit_local_runs_a_sweep_with_pairing_and_analysis(tmp_path):
     proc = run_cli(["-m", "reduce_loss=mean,sum", "hydra/launcher=submitit_local", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_local_sweep(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_job_of_two_ranks_trains_as_ddp_with_pairing_and_analysis(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.ranks_per_job=2", *QUICK], tmp_path / "sweep")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_local_sweep(tmp_path / "sweep")
+    _, children = child_runs(tmp_path / "sweep")
+    assert (children["tags.world_size"] == "2").all()
+    # `mean` weighs tokens by micro-batch and rank: the two ranks' job must equal one process
+    # running the same semantic split (trainer.world_size=2), and differ from a world of one.
+    (tmp_path / "one").mkdir()
+    for name, extra in (("as_two", ["trainer.world_size=2"]), ("world_of_one", [])):
+        proc = run_cli(["reduce_loss=mean", f"tracking.uri=sqlite:///{name}.db", *extra, *QUICK], tmp_path / "one")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    job = children[children["tags.reduce_loss"] == "mean"]["metrics.val/token_loss"].iloc[0]
+    loss = {}
+    for name in ("as_two", "world_of_one"):
+        client = MlflowClient(f"sqlite:///{tmp_path / 'one' / name}.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("reduce-loss").experiment_id])
+        loss[name] = run.data.metrics["val/token_loss"]
+    assert job == pytest.approx(loss["as_two"], rel=1e-5)
+    assert abs(job - loss["world_of_one"]) > 1e-4

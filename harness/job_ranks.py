@@ -1,0 +1,79 @@
+"""A run of several DDP ranks started by the job itself (`trainer.ranks_per_job`), so that a
+sweep's job can take two or more GPUs. torch.distributed's elastic launcher, the engine behind
+torchrun, starts the ranks on this machine; each rank runs `train` as under torchrun.
+
+Signals: the ranks leave the job's process group, so a Ctrl-C reaches the job alone; the
+launcher passes it on to every rank once, and they stop as a torchrun run does (the step
+finishes, a checkpoint is saved, the run ends KILLED)."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from harness import signals
+from harness.distributed import JOB_RANKS_ENV
+
+log = logging.getLogger(__name__)
+
+
+def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, cpu_threads: int | None) -> dict:
+    """Train `cfg` on `cfg.trainer.ranks_per_job` ranks; rank 0's result. `gpus`: the
+    CUDA_VISIBLE_DEVICES of the ranks (None on the CPU); `cpu_threads`: torch threads per rank
+    where `trainer.threads=auto` should not give every rank every core."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from harness.train import job_overrides
+
+    ranks = cfg.trainer.ranks_per_job
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if cpu_threads is not None:
+        plain["trainer"]["threads"] = cpu_threads
+    logging_cfg = OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) \
+        if HydraConfig.initialized() else None
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"harness-{uuid.uuid4().hex[:12]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          start_method="spawn")
+    env = {JOB_RANKS_ENV: str(ranks)} | ({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # the launcher replaces them
+    os.environ.update(env)  # the ranks inherit them
+    try:
+        results = elastic_launch(launch, _rank)(plain, str(out_dir), parent_run_id, job_overrides(), logging_cfg)
+    except SignalException as e:
+        raise signals.Interrupted(int(e.sigval)) from None
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for s, handler in saved_handlers.items():
+            signal.signal(s, handler)
+    return results[0]
+
+
+def _rank(cfg: dict, out_dir: str, parent_run_id: str | None, overrides: list[str], logging_cfg: dict | None):
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from harness.train import train
+
+    os.setsid()  # out of the terminal's process group: a stop signal arrives once, from the launcher
+    if logging_cfg:
+        logging.config.dictConfig(logging_cfg)  # the job's console and log file, as Hydra set them up
+    if int(os.environ["RANK"]) > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    signals.install()
+    try:
+        return record(train)(OmegaConf.create(cfg), Path(out_dir), parent_run_id, overrides=overrides)
+    except signals.Interrupted as stop:  # the run is KILLED with its checkpoint; the job says so once
+        sys.exit(128 + stop.signum)

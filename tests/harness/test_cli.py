@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.config import CONF_DIR
-from tests.helpers.cli import QUICK, child_runs, run_cli
+from tests.helpers.cli import QUICK, child_runs, entry_check, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -109,11 +109,13 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     ("data.packing=true data.pack_length=abc", "data.pack_length='abc' is not an integer"),
     ("data.packing=true data.pack_length=100", "data.pack_length=100 is shorter than data.max_seq_len=512"),
 ])
-def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, expected):
-    proc = run_cli(["-m", "reduce_loss=mean,sum", *override.split()], tmp_path)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], proc.stderr
+def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, expected, monkeypatch, capsys):
+    argv = ["-m", "reduce_loss=mean,sum", *override.split()]
+    code, stderr = entry_check(argv, tmp_path, through_cli=override in ("model=nope", "trainer.batch_size=1"),
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
 
 

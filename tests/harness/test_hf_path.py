@@ -20,7 +20,7 @@ from harness.fingerprint import data_fingerprint, params_fingerprint
 from harness.model import ModelError, build_model, load_tokenizer
 from harness.sources import DataError
 from harness.tokenise import prepare_data
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import entry_check, run_cli
 from tests.helpers.models import make_examples
 
 # ChatML without generation markers: assistant spans must come from prefix rendering.
@@ -281,7 +281,7 @@ def write_jsonl(path, rows):
     ("not_utf8", "train.jsonl line 6 is not UTF-8 text (byte 0xe9"),
     ("number_content", "split 'train' row 6, column 'messages', turn 0: content must be text (row 6 is line 7 of"),
 ])
-def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
+def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected, monkeypatch, capsys):
     root, model_dir, files, rows = assets
     good = [{"id": str(i), "messages": conversation(i)} for i in range(4)]
     train = tmp_path / "train.jsonl"
@@ -309,11 +309,11 @@ def test_bad_hf_input_fails_in_one_line(assets, tmp_path, case, expected):
         model.mkdir()
     elif case == "all_dropped":
         extra = ["data.max_seq_len=20"]
-    args = hf_args(model, train, tmp_path / "cache", *extra)
-    proc = run_cli(["-m", "reduce_loss=mean,sum", *args], tmp_path)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert lines and expected in lines[-1], proc.stderr[-2000:]
+    argv = ["-m", "reduce_loss=mean,sum", *hf_args(model, train, tmp_path / "cache", *extra)]
+    code, stderr = entry_check(argv, tmp_path, through_cli=case == "unknown_role", monkeypatch=monkeypatch, capsys=capsys)
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert lines and expected in lines[-1], stderr[-2000:]
     assert lines[-1].startswith("error: ")
     assert not (tmp_path / "mlflow.db").exists()
 

@@ -27,6 +27,22 @@ def run_cli(args: list[str], cwd: Path, prelude: str = "", module: str = "harnes
     return subprocess.run(cli_command(args, prelude, module), cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def entry_check(argv: list[str], cwd: Path, through_cli: bool, monkeypatch, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of the checks `python -m harness argv` makes before anything starts:
+    through the real command line in a subprocess, or, seconds faster, its entry check
+    (`main_or_exit`) in this process, for cases that differ only in what is checked."""
+    if through_cli:
+        proc = run_cli(argv, cwd)
+        return proc.returncode, proc.stderr
+    from harness.preflight import main_or_exit
+    monkeypatch.chdir(cwd)
+    try:
+        main_or_exit(argv)
+    except SystemExit as e:
+        return int(e.code), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
 def child_runs(cwd: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(parent runs, child runs) of the store `cwd/mlflow.db`."""
     uri = f"sqlite:///{cwd / 'mlflow.db'}"

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from harness import signals
 from harness.artifacts import parent_run_id
-from harness.config import CONF_DIR, CONFIG_NAME
+from harness.config import CONF_DIR, CONFIG_NAME, ConfigError
 from harness.preflight import main_or_exit, prints_only
 
 log = logging.getLogger("harness")
@@ -39,12 +39,15 @@ def app(cfg: DictConfig):
     if not multirun and ranks == 1:
         return train(cfg, out_dir)
     gpus, slots = [], []
-    if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
-        # jobs running side by side get GPUs of their own
-        gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks)
-        log.info("job %s runs on %s", hc.job.num, ", ".join(f"cuda:{i}" for i in gpus))
-    parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
     try:
+        if ranks > 1 and signals.submitit_preemption_signal() is not None:
+            raise ConfigError(f"trainer.ranks_per_job={ranks} runs under the basic and joblib launchers; under "
+                              "submitit a job's preemption signal would reach its ranks unhandled")
+        if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
+            # jobs running side by side get GPUs of their own
+            gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks)
+            log.info("job %s runs on %s", hc.job.num, ", ".join(f"cuda:{i}" for i in gpus))
+        parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
         if ranks > 1:
             threads = None
             if not gpus and cfg.trainer.threads == "auto":  # the job's share of the cores, divided among its ranks

@@ -29,6 +29,9 @@ def slots_folder(sweep_dir: Path) -> Path:
 def claim_gpus(sweep_dir: Path, count: int = 1, poll_s: float = 1.0) -> tuple[list[int], list[FileLock]]:
     """(device indices, their held locks): `count` GPUs at once; waits while fewer are free.
     A job never holds some GPUs while it waits for more, so jobs cannot block each other."""
+    if count > torch.cuda.device_count():  # waiting could never end
+        raise RuntimeError(f"trainer.ranks_per_job={count} needs {count} GPUs; this job sees "
+                           f"{torch.cuda.device_count()} (a scheduler's job may need more GPUs per node)")
     folder = slots_folder(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
     waited = False

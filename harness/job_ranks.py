@@ -30,27 +30,32 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
     CUDA_VISIBLE_DEVICES of the ranks (None on the CPU); `cpu_threads`: torch threads per rank
     where `trainer.threads=auto` should not give every rank every core."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from harness.train import job_overrides
 
     ranks = cfg.trainer.ranks_per_job
     plain = OmegaConf.to_container(cfg, resolve=True)
-    if cpu_threads is not None:
-        plain["trainer"]["threads"] = cpu_threads
     logging_cfg = OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True) \
         if HydraConfig.initialized() else None
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"harness-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          start_method="spawn")
+                          start_method="spawn", signals_to_handle=",".join(s.name for s in signals.STOP_SIGNALS))
     env = {JOB_RANKS_ENV: str(ranks)} | ({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})
-    saved_env = {k: os.environ.get(k) for k in env}
+    saved_env = {k: os.environ.get(k) for k in [*env, "TORCHELASTIC_SIGNALS_TO_HANDLE"]}  # the launcher sets the last
     saved_handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # the launcher replaces them
     os.environ.update(env)  # the ranks inherit them
     try:
-        results = elastic_launch(launch, _rank)(plain, str(out_dir), parent_run_id, job_overrides(), logging_cfg)
+        results = elastic_launch(launch, _rank)(plain, str(out_dir), parent_run_id, job_overrides(), logging_cfg,
+                                                cpu_threads)
     except SignalException as e:
         raise signals.Interrupted(int(e.sigval)) from None
+    except ChildFailedError as e:  # ranks that a stop signal reached directly (`kill` of their pids) stopped cleanly
+        stopped = {f.exitcode - 128 for f in e.failures.values()}
+        if stopped <= {int(s) for s in signals.STOP_SIGNALS}:
+            raise signals.Interrupted(stopped.pop()) from None
+        raise
     finally:
         for k, v in saved_env.items():
             if v is None:
@@ -62,7 +67,9 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
     return results[0]
 
 
-def _rank(cfg: dict, out_dir: str, parent_run_id: str | None, overrides: list[str], logging_cfg: dict | None):
+def _rank(cfg: dict, out_dir: str, parent_run_id: str | None, overrides: list[str], logging_cfg: dict | None,
+          cpu_threads: int | None):
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from harness.train import train
@@ -73,6 +80,8 @@ def _rank(cfg: dict, out_dir: str, parent_run_id: str | None, overrides: list[st
     if int(os.environ["RANK"]) > 0:
         logging.getLogger().setLevel(logging.WARNING)
     signals.install()
+    if cpu_threads is not None:  # set here, not in the config: the job's identity must not depend on the machine
+        torch.set_num_threads(cpu_threads)
     try:
         return record(train)(OmegaConf.create(cfg), Path(out_dir), parent_run_id, overrides=overrides)
     except signals.Interrupted as stop:  # the run is KILLED with its checkpoint; the job says so once

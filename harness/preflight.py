@@ -86,6 +86,8 @@ def check_command_line(argv: list[str]) -> None:
     from harness.tokenise import prepare_data
     from harness.tracking import check_server
 
+    args, _ = get_args_parser().parse_known_args(argv)
+    launcher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra/launcher=")), "")
     user_errors = (ConfigError, DataError, ModelError, ConversationError)
     opened: set[str] = set()
     servers: set[str] = set()
@@ -99,6 +101,10 @@ def check_command_line(argv: list[str]) -> None:
                 raise InputError(" ".join(str(e).split())[:300]) from None
             try:
                 validate(cfg)
+                if cfg.trainer.ranks_per_job > 1 and ("submitit" in launcher or launcher == "slurm"):
+                    raise ConfigError(f"trainer.ranks_per_job={cfg.trainer.ranks_per_job} runs under the basic and "
+                                      f"joblib launchers, not hydra/launcher={launcher} (its preemption signal "
+                                      "would reach the ranks unhandled)")
                 if cfg.tracking.uri not in servers:
                     servers.add(cfg.tracking.uri)
                     check_server(cfg.tracking.uri)

@@ -113,7 +113,8 @@ def test_submitit_local_runs_a_sweep_with_pairing_and_analysis(tmp_path):
 @pytest.mark.slow
 def test_a_job_of_two_ranks_trains_as_ddp_with_pairing_and_analysis(tmp_path):
     (tmp_path / "sweep").mkdir()
-    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.ranks_per_job=2", *QUICK], tmp_path / "sweep")
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.ranks_per_job=2", "trainer.device=cpu", *QUICK],
+                   tmp_path / "sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_local_sweep(tmp_path / "sweep")
     _, children = child_runs(tmp_path / "sweep")
@@ -122,7 +123,8 @@ def test_a_job_of_two_ranks_trains_as_ddp_with_pairing_and_analysis(tmp_path):
     # running the same semantic split (trainer.world_size=2), and differ from a world of one.
     (tmp_path / "one").mkdir()
     for name, extra in (("as_two", ["trainer.world_size=2"]), ("world_of_one", [])):
-        proc = run_cli(["reduce_loss=mean", f"tracking.uri=sqlite:///{name}.db", *extra, *QUICK], tmp_path / "one")
+        proc = run_cli(["reduce_loss=mean", f"tracking.uri=sqlite:///{name}.db", "trainer.device=cpu", *extra, *QUICK],
+                       tmp_path / "one")
         assert proc.returncode == 0, proc.stderr[-3000:]
     job = children[children["tags.reduce_loss"] == "mean"]["metrics.val/token_loss"].iloc[0]
     loss = {}

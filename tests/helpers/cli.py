@@ -1,5 +1,6 @@
 """The real command line in a subprocess, and the runs it left in MLflow."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,12 +35,20 @@ def entry_check(argv: list[str], cwd: Path, through_cli: bool, monkeypatch, caps
     if through_cli:
         proc = run_cli(argv, cwd)
         return proc.returncode, proc.stderr
+    import datasets
+
     from harness.preflight import main_or_exit
+    from harness.tracking import HTTP_DEFAULTS
     monkeypatch.chdir(cwd)
+    for name in HTTP_DEFAULTS:  # main_or_exit sets them for the process; undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, HTTP_DEFAULTS[name]))
+    bars = datasets.is_progress_bar_enabled()
     try:
         main_or_exit(argv)
     except SystemExit as e:
         return int(e.code), capsys.readouterr().err
+    finally:
+        (datasets.enable_progress_bars if bars else datasets.disable_progress_bars)()
     return 0, capsys.readouterr().err
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from harness import signals
 from harness.artifacts import parent_run_id
-from harness.config import CONF_DIR, CONFIG_NAME, ConfigError
+from harness.config import CONF_DIR, CONFIG_NAME, ranks_need_a_launcher_without_submitit
 from harness.preflight import main_or_exit, prints_only
 
 log = logging.getLogger("harness")
@@ -41,8 +41,7 @@ def app(cfg: DictConfig):
     gpus, slots = [], []
     try:
         if ranks > 1 and signals.submitit_preemption_signal() is not None:
-            raise ConfigError(f"trainer.ranks_per_job={ranks} runs under the basic and joblib launchers; under "
-                              "submitit a job's preemption signal would reach its ranks unhandled")
+            raise ranks_need_a_launcher_without_submitit(ranks, "submitit")
         if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
             # jobs running side by side get GPUs of their own
             gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks)

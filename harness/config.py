@@ -165,6 +165,13 @@ def job_dirname(num, overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/train.yaml hydra.sweep.subdir
 
 
+def ranks_need_a_launcher_without_submitit(ranks: int, launcher: str) -> ConfigError:
+    """trainer.ranks_per_job > 1 under a submitit launcher: refused in the pre-flight check
+    (launcher from the command line) and again in the job (launcher from anywhere)."""
+    return ConfigError(f"trainer.ranks_per_job={ranks} runs under the basic and joblib launchers, not "
+                       f"{launcher} (its preemption signal would reach the ranks unhandled)")
+
+
 def cuda_count() -> int:
     """Visible CUDA devices (0 without CUDA)."""
     import torch

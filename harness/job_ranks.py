@@ -15,6 +15,7 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from unittest import mock
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -43,12 +44,12 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
                           start_method="spawn", signals_to_handle=",".join(s.name for s in signals.STOP_SIGNALS))
     env = {JOB_RANKS_ENV: str(ranks)} | ({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})
-    saved_env = {k: os.environ.get(k) for k in [*env, "TORCHELASTIC_SIGNALS_TO_HANDLE"]}  # the launcher sets the last
     saved_handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # the launcher replaces them
-    os.environ.update(env)  # the ranks inherit them
     try:
-        results = elastic_launch(launch, _rank)(plain, str(out_dir), parent_run_id, job_overrides(), logging_cfg,
-                                                cpu_threads)
+        # the ranks inherit `env`; the job's environment is as before afterwards (the launcher adds to it too)
+        with mock.patch.dict(os.environ, env):
+            results = elastic_launch(launch, _rank)(plain, str(out_dir), parent_run_id, job_overrides(), logging_cfg,
+                                                    cpu_threads)
     except SignalException as e:
         raise signals.Interrupted(int(e.sigval)) from None
     except ChildFailedError as e:  # ranks that a stop signal reached directly (`kill` of their pids) stopped cleanly
@@ -57,11 +58,6 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
             raise signals.Interrupted(stopped.pop()) from None
         raise
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         for s, handler in saved_handlers.items():
             signal.signal(s, handler)
     return results[0]

@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 
 from harness.chat_format import ConversationError
-from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, validate
+from harness.config import CONF_DIR, CONFIG_NAME, ConfigError, ranks_need_a_launcher_without_submitit, validate
 from harness.credentials import redact
 
 
@@ -102,9 +102,7 @@ def check_command_line(argv: list[str]) -> None:
             try:
                 validate(cfg)
                 if cfg.trainer.ranks_per_job > 1 and ("submitit" in launcher or launcher == "slurm"):
-                    raise ConfigError(f"trainer.ranks_per_job={cfg.trainer.ranks_per_job} runs under the basic and "
-                                      f"joblib launchers, not hydra/launcher={launcher} (its preemption signal "
-                                      "would reach the ranks unhandled)")
+                    raise ranks_need_a_launcher_without_submitit(cfg.trainer.ranks_per_job, f"hydra/launcher={launcher}")
                 if cfg.tracking.uri not in servers:
                     servers.add(cfg.tracking.uri)
                     check_server(cfg.tracking.uri)

@@ -178,7 +178,9 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
         done = 0  # steps already trained
         if job.resume_from is not None:
             done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
-        name = run_name(cfg.reduce_loss, cfg.seed, job_overrides() if overrides is None else overrides, parent_run_id) if world.is_main else ""
+        if overrides is None:
+            overrides = job_overrides()
+        name = run_name(cfg.reduce_loss, cfg.seed, overrides, parent_run_id) if world.is_main else ""
         tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
                       parent_run_id, resume_id=job.run_id, resume_step=done)
         log_config(cfg, run.data, out_dir, tracker, world)

@@ -12,12 +12,14 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import CONF_DIR
 from tests.helpers.cli import QUICK, child_runs, entry_check, run_cli
+from tests.helpers.store import new_store
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.slow
 def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=mean,sum", "seed=0,1", "trainer.max_grad_norm=1.5", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = child_runs(tmp_path)
@@ -130,6 +132,7 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
             return real(mode, *args, **kwargs)
         step.example_weights = failing
     """
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=sum,mean", *QUICK], tmp_path, prelude)
     assert proc.returncode != 0
     parents, children = child_runs(tmp_path)
@@ -202,6 +205,7 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_a_diverging_run_fails_naming_the_step_and_the_analysis_refuses_it(tmp_path):
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.lr=1e20", *QUICK], tmp_path)
     assert proc.returncode != 0
     parents, children = child_runs(tmp_path)
@@ -228,6 +232,7 @@ def test_a_diverging_run_fails_naming_the_step_and_the_analysis_refuses_it(tmp_p
 
 @pytest.mark.slow
 def test_a_run_that_stops_learning_is_flagged_and_refused(tmp_path):
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.lr=1e4", *QUICK], tmp_path)
     parents, children = child_runs(tmp_path)
     assert (children.status == "FINISHED").all()
@@ -259,6 +264,7 @@ def test_job_folders_stay_in_the_sweep_and_credentials_are_stored_nowhere(tmp_pa
         harness.tracking.check_server = lambda uri: None  # no server behind the URI: the local file serves
     """
     long_value = "x" * 300
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=mean,sum", f"tracking.uri={uri}", "+note=../../escaped/x",
                     f"+long={long_value}", *QUICK], tmp_path, prelude)
     assert proc.returncode == 0, proc.stderr[-3000:]

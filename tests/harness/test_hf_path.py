@@ -22,6 +22,7 @@ from harness.sources import DataError
 from harness.tokenise import prepare_data
 from tests.helpers.cli import entry_check, run_cli
 from tests.helpers.models import make_examples
+from tests.helpers.store import new_store
 
 # ChatML without generation markers: assistant spans must come from prefix rendering.
 PLAIN_CHATML = (
@@ -225,6 +226,7 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     for split, path in files.items():
         path.write_text((root / path.name).read_text())
     cache = tmp_path / "cache"
+    new_store(tmp_path / "mlflow.db")
     first = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     cached = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}

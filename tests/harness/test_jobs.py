@@ -14,6 +14,7 @@ from harness.config import CONF_DIR, CONFIG_NAME
 from harness.jobs import end_orphans, job_key, job_lock_path
 from harness.tracking import experiment_id
 from harness.sweep_callback import SweepTracking, end_open_parent, sweep_key
+from tests.helpers.store import new_store
 
 IDENTITY = {artifacts.TAG_INIT: "init-a", artifacts.TAG_DATA: "data-a"}
 
@@ -57,7 +58,7 @@ def test_a_sweep_is_the_set_of_its_jobs_in_any_order():
 def test_a_repeated_sweep_reuses_its_parent_and_a_failed_analysis_fails_the_sweep(tmp_path, monkeypatch):
     import analysis.run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / 'mlflow.db')
     client = MlflowClient(uri)
     first = sweep(["reduce_loss=mean,sum"], sweep_dir=str(tmp_path / "a"), uri=uri)
     SweepTracking().on_multirun_start(first)
@@ -91,7 +92,7 @@ HOLD_LOCK = "import sys, time; from filelock import FileLock; lock = FileLock(sy
 
 @pytest.mark.slow
 def test_runs_left_running_by_a_process_that_died_are_ended_and_no_others(tmp_path):
-    uri, root = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "checkpoints"
+    uri, root = new_store(tmp_path / 'mlflow.db'), tmp_path / "checkpoints"
     exp, client = experiment_id(tracking(uri)), MlflowClient(uri)
     runs = {key: client.create_run(exp, tags={artifacts.TAG_JOB: key}).info.run_id
             for key in ("dead", "alive", "elsewhere", "own")}
@@ -110,7 +111,7 @@ def test_runs_left_running_by_a_process_that_died_are_ended_and_no_others(tmp_pa
 
 
 def test_a_run_that_ends_between_the_search_and_its_lock_keeps_its_status(tmp_path, monkeypatch):
-    uri, root = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "checkpoints"
+    uri, root = new_store(tmp_path / 'mlflow.db'), tmp_path / "checkpoints"
     exp, client = experiment_id(tracking(uri)), MlflowClient(uri)
     run_id = client.create_run(exp, tags={artifacts.TAG_JOB: "other"}).info.run_id
     job_lock_path(root, "other").parent.mkdir(parents=True)
@@ -125,3 +126,4 @@ def test_a_run_that_ends_between_the_search_and_its_lock_keeps_its_status(tmp_pa
     monkeypatch.setattr(jobs, "runs_tagged", search_then_finish)
     end_orphans(tracking(uri), artifacts.TAG_JOB, lambda key: job_lock_path(root, key), own_key="own")
     assert client.get_run(run_id).info.status == "FINISHED"
+

@@ -6,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.cli import QUICK, child_runs, cli_command, run_cli
+from tests.helpers.store import new_store
 
 CHECKPOINTED = [*QUICK, "trainer.checkpoint_every=2"]  # 6 steps, checkpoints after steps 2 and 4
 
@@ -47,7 +48,7 @@ def test_a_stopped_then_killed_sweep_resumes_into_its_runs_bitwise_and_then_trai
     nothing and adds no runs."""
     sweep, no_analysis = ["-m", "reduce_loss=mean,sum", *CHECKPOINTED], "hydra.callbacks.sweep_tracking.analyse=false"
     reference, work = tmp_path / "reference", tmp_path / "work"
-    reference.mkdir(), work.mkdir()
+    new_store(reference / "mlflow.db"), new_store(work / "mlflow.db")
     uninterrupted = subprocess.Popen(cli_command([*sweep, no_analysis]), cwd=reference, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 

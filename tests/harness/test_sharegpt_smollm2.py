@@ -8,6 +8,7 @@ from harness.config import CONF_DIR, CONFIG_NAME
 from harness.preflight import main_or_exit
 from tests.helpers.cli import child_runs, run_cli
 from tests.helpers.sharegpt_files import CUT_RECORD, many_conversations, turn, write_cut_off
+from tests.helpers.store import new_store
 from tests.helpers.tiny_gguf import write_tiny_gguf
 
 
@@ -39,6 +40,7 @@ def smoke_args(data, gguf, cache, *extra):
 @pytest.mark.slow
 def test_cpu_preset_runs_paired_and_analysed(inputs, tmp_path):
     data, gguf = inputs
+    new_store(tmp_path / "mlflow.db")
     proc = run_cli(smoke_args(data, gguf, tmp_path / "cache"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = child_runs(tmp_path)

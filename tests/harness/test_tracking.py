@@ -4,6 +4,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from harness.tracking import SWEPT_KEYS_TAG, run_name, swept_keys
+from tests.helpers.store import new_store
 
 
 def test_swept_keys_are_the_keys_whose_value_differs_between_jobs():
@@ -15,7 +16,7 @@ def test_swept_keys_are_the_keys_whose_value_differs_between_jobs():
 
 
 def test_run_names_carry_the_other_swept_values_so_they_never_repeat(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(new_store(tmp_path / "mlflow.db"))
     client = MlflowClient()
     exp = client.create_experiment("e")
     parent = client.create_run(exp, tags={SWEPT_KEYS_TAG: "reduce_loss,+experiment,trainer.lr"}).info.run_id

@@ -7,10 +7,13 @@ from mlflow.tracking import MlflowClient
 
 from analysis.load import RUN_METRICS
 from harness import artifacts
+from tests.helpers.store import new_store
 
 
 def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True, experiment: str = "reduce-loss") -> str:
     """Log `data` (analysis.load.RunData) as a sweep: a parent run and one child per run."""
+    if uri.startswith("sqlite:///"):
+        new_store(Path(uri.removeprefix("sqlite:///")))
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     exp = found.experiment_id if found else client.create_experiment(

@@ -20,7 +20,7 @@ from unittest import mock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from harness import signals
+from harness import artifacts, signals
 from harness.distributed import JOB_RANKS_ENV
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from harness.jobs import end_orphans, job_lock_path
     from harness.train import job_overrides
 
     ranks = cfg.trainer.ranks_per_job
@@ -56,6 +57,10 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
         stopped = {f.exitcode - 128 for f in e.failures.values()}
         if stopped <= {int(s) for s in signals.STOP_SIGNALS}:
             raise signals.Interrupted(stopped.pop()) from None
+        # A rank that died hard (killed for memory, a crash in a kernel) ended nothing: rank 0's
+        # run would stay RUNNING until the next command. Its lock is free now; end it at once.
+        end_orphans(cfg.tracking, artifacts.TAG_JOB, lambda key: job_lock_path(Path(cfg.trainer.checkpoint_dir), key),
+                    own_key="")
         raise
     finally:
         for s, handler in saved_handlers.items():

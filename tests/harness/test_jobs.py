@@ -127,3 +127,33 @@ def test_a_run_that_ends_between_the_search_and_its_lock_keeps_its_status(tmp_pa
     end_orphans(tracking(uri), artifacts.TAG_JOB, lambda key: job_lock_path(root, key), own_key="own")
     assert client.get_run(run_id).info.status == "FINISHED"
 
+
+@pytest.mark.parametrize("exitcode, status", [(-9, "KILLED"), (15 + 128, "RUNNING")])
+def test_a_rank_that_dies_hard_leaves_no_run_running(tmp_path, monkeypatch, exitcode, status):
+    """A rank killed by SIGKILL ends nothing itself; its job marks the run KILLED as soon as the
+    launcher reports it. A rank stopped by a signal ends its own run (here: left as it is)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    import torch.distributed.launcher.api as launcher_api
+
+    from harness import signals
+    from harness.job_ranks import run_ranks
+
+    uri, root = new_store(tmp_path / 'mlflow.db'), tmp_path / "checkpoints"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(CONFIG_NAME, overrides=[f"tracking.uri={uri}", f"trainer.checkpoint_dir={root}",
+                                              "trainer.ranks_per_job=2"])
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment_id(cfg.tracking), tags={artifacts.TAG_JOB: "crashed"}).info.run_id
+    job_lock_path(root, "crashed").parent.mkdir(parents=True)
+    job_lock_path(root, "crashed").touch()  # left by rank 0, which held it until it died
+
+    def ranks_that_fail(config, entrypoint):
+        def launched(*args):
+            failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="")
+            raise ChildFailedError("rank", {0: failure})
+        return launched
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", ranks_that_fail)
+    with pytest.raises(signals.Interrupted if exitcode > 128 else ChildFailedError):
+        run_ranks(cfg, tmp_path / "job", None, None, None)
+    assert client.get_run(run_id).info.status == status

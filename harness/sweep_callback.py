@@ -22,7 +22,7 @@ from harness.fingerprint import config_fingerprint
 from harness.jobs import end_orphans, sweep_lock_path
 from harness.preflight import expand_jobs
 from harness.summary import sweep_summary
-from harness.tracking import SWEEP_KEY_TAG, SWEPT_KEYS_TAG, start_parent_run, swept_keys
+from harness.tracking import SWEEP_KEY_TAG, SWEPT_KEYS_TAG, server_gone, start_parent_run, swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ def failed_elsewhere(config: DictConfig, since_ms: int, expected: int) -> list[s
     return failures
 
 
-def end_open_parent(status: str) -> None:
-    """End the sweep's parent run if the sweep could not (a stop signal, an error in Hydra)."""
+def end_open_parent(status: str | None) -> None:
+    """End the sweep's parent run if the sweep could not (a stop signal, an error in Hydra);
+    `None`: let go of it without telling the store (a server that no longer answers)."""
     global _open_parent, _sweep_lock
     if _open_parent is not None:
         uri, run_id = _open_parent
         _open_parent = None
-        MlflowClient(uri).set_terminated(run_id, status)
+        if status is not None:
+            MlflowClient(uri).set_terminated(run_id, status)
     if _sweep_lock is not None:
         _sweep_lock.release()
         _sweep_lock = None
@@ -129,22 +131,27 @@ class SweepTracking(Callback):
         if not world_from_env().is_main:
             return
         failed, results = list(self.failures), None
-        if not self.jobs_ended:
+        uri = resolve_uri(config.tracking.uri)
+        if server_gone(uri):
+            failed.append(f"the MLflow server {uri} no longer answers: no analysis, and the sweep's runs stay "
+                          "RUNNING there until the next command against it marks them KILLED")
+            end_open_parent(None)
+        else:
+            if not self.jobs_ended:
+                try:
+                    failed += failed_elsewhere(config, self.started_ms, len(self.jobs))
+                except Exception as e:
+                    failed.append(f"reading the jobs' runs from MLflow: {type(e).__name__}: {e}")
             try:
-                failed += failed_elsewhere(config, self.started_ms, len(self.jobs))
-            except Exception as e:
-                failed.append(f"reading the jobs' runs from MLflow: {type(e).__name__}: {e}")
-        try:
-            results = self._analyse(config)
-        except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
-            log.error("analysis of the sweep failed: %s", e)
-            failed.append(f"the analysis of the sweep: {e}")
-        try:
-            end_open_parent("FAILED" if failed else "FINISHED")
-        except Exception as e:  # Hydra would only warn, and exit 0
-            failed.append(f"ending the sweep's MLflow run: {e}")
-        print(redact(sweep_summary(Path(config.hydra.sweep.dir), resolve_uri(config.tracking.uri), results, failed)),
-              flush=True)
+                results = self._analyse(config)
+            except Exception as e:  # the runs are safe in MLflow; say why the analysis is missing
+                log.error("analysis of the sweep failed: %s", e)
+                failed.append(f"the analysis of the sweep: {e}")
+            try:
+                end_open_parent("FAILED" if failed else "FINISHED")
+            except Exception as e:  # Hydra would only warn, and exit 0
+                failed.append(f"ending the sweep's MLflow run: {e}")
+        print(redact(sweep_summary(Path(config.hydra.sweep.dir), uri, results, failed)), flush=True)
         if failed:
             sys.exit(1)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import mlflow
@@ -47,6 +47,20 @@ def check_server(uri: str) -> None:
     if response.status_code != 200:
         raise ConnectionError(f"the MLflow server tracking.uri={uri} answered /health with "
                               f"HTTP {response.status_code}; is it an MLflow server?")
+
+
+def server_gone(uri: str) -> bool:
+    """Whether `uri` is an MLflow server that no longer answers. Then the calls this process
+    still makes to it fail at once instead of retrying each (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0):
+    the runs stay RUNNING there, and the next harness command against it marks them KILLED."""
+    try:
+        check_server(uri)
+        return False
+    except ConnectionError as e:
+        if os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") != "0":
+            log.warning("%s; this process no longer retries calls to it", redact(str(e)))
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        return True
 
 
 def _default_artifact_root(uri: str) -> str | None:
@@ -208,6 +222,10 @@ class RunLogger:
     def end(self, error: BaseException | None = None) -> None:
         """FINISHED; KILLED when a stop signal ended it (it resumes); FAILED on any other error."""
         if not self.enabled or mlflow.active_run() is None:
+            return
+        if error is not None and server_gone(mlflow.get_tracking_uri()):
+            with suppress(Exception):
+                mlflow.end_run("FAILED")  # forgets the run here; telling the server fails at once
             return
         if isinstance(error, Interrupted):
             mlflow.set_tag("stopped", str(error)[:5000])

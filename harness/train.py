@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from harness import artifacts, distributed, signals
+from harness.artifacts import resolve_uri
 from harness.batching import Example
 from harness.checkpoint import LoopState
 from harness.config import pair_key, row_length, validate
@@ -33,7 +34,7 @@ from harness.prefetch import ahead
 from harness.reduction import auto_loss_scale
 from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
-from harness.tracking import RunLogger, flat_params, run_name
+from harness.tracking import RunLogger, check_server, flat_params, run_name
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
     """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
     `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
     validate(cfg)
+    check_server(resolve_uri(cfg.tracking.uri))  # one that went away since the sweep started: fail before any work
     t = cfg.trainer
     world = distributed.world_from_env()
     device = pick_device(t.device, world)

@@ -76,6 +76,10 @@ def test_a_server_that_goes_away_mid_run_fails_the_sweep_within_a_bounded_time(t
             del os.environ["SERVER_PID"]
     assert proc.returncode != 0
     assert elapsed < 240, elapsed  # MLflow's own retries would take minutes per call
+    # only the call that found the server gone retried; the next job and the sweep's end gave up at once
+    assert (proc.stdout + proc.stderr).count("Retrying (Retry(") <= 3, proc.stderr[-3000:]
+    assert "job 1 failed" in proc.stdout + proc.stderr
+    assert "no longer answers: no analysis" in proc.stdout
 
 
 def _needs(module: str):

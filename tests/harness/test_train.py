@@ -11,7 +11,7 @@ from harness.config import CONF_DIR, CONFIG_NAME, pair_key
 from harness.distributed import World
 from harness.model import build_model
 from harness.chat_tokenizer import build_char_tokenizer
-from harness.step import train_step
+from harness.step import Split, train_step
 from harness.losses import CausalLMLoss
 from harness.train import Throughput, autocast_dtype, set_up, wrap
 from tests.helpers.cli import QUICK
@@ -94,8 +94,8 @@ def test_cuda_default_precision_trains_float32_weights_under_bf16_autocast():
     model = tiny_model(dtype=torch.float32).to(device)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    train_step(model, optimizer, None, make_examples(UNEQUAL), list(range(len(UNEQUAL))), mode="token_mean",
-               loss_scale=1.0, max_grad_norm=None, grad_accum=2, world=World(), device=device,
+    train_step(CausalLMLoss(model), optimizer, None, make_examples(UNEQUAL), list(range(len(UNEQUAL))), mode="token_mean",
+               loss_scale=1.0, split=Split(2), max_grad_norm=None, world=World(), device=device,
                layout=dict(pad_id=0, packing=False, row_length=128), autocast_dtype=autocast_dtype("auto", device))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     has_grad = torch.cat([p.grad.flatten() != 0 for p in model.parameters()])

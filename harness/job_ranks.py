@@ -34,7 +34,6 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from harness.jobs import end_orphans, job_lock_path
     from harness.train import job_overrides
 
     ranks = cfg.trainer.ranks_per_job
@@ -46,6 +45,7 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
                           start_method="spawn", signals_to_handle=",".join(s.name for s in signals.STOP_SIGNALS))
     env = {JOB_RANKS_ENV: str(ranks)} | ({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})
     saved_handlers = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}  # the launcher replaces them
+    failure = None
     try:
         # the ranks inherit `env`; the job's environment is as before afterwards (the launcher adds to it too)
         with mock.patch.dict(os.environ, env):
@@ -57,15 +57,31 @@ def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, c
         stopped = {f.exitcode - 128 for f in e.failures.values()}
         if stopped <= {int(s) for s in signals.STOP_SIGNALS}:
             raise signals.Interrupted(stopped.pop()) from None
-        # A rank that died hard (killed for memory, a crash in a kernel) ended nothing: rank 0's
-        # run would stay RUNNING until the next command. Its lock is free now; end it at once.
-        end_orphans(cfg.tracking, artifacts.TAG_JOB, lambda key: job_lock_path(Path(cfg.trainer.checkpoint_dir), key),
-                    own_key="")
-        raise
+        failure = e
     finally:
         for s, handler in saved_handlers.items():
             signal.signal(s, handler)
+    if failure is not None:
+        _end_runs_of_dead_ranks(cfg)
+        raise failure
     return results[0]
+
+
+def _end_runs_of_dead_ranks(cfg) -> None:
+    """A rank that died hard (killed for memory, a crash in a kernel) ended nothing: rank 0's run
+    would stay RUNNING until the next command. Its lock is free now; end the run at once."""
+    from harness.artifacts import resolve_uri
+    from harness.credentials import redact
+    from harness.jobs import end_orphans, job_lock_path
+    from harness.tracking import server_gone
+
+    if server_gone(resolve_uri(cfg.tracking.uri)):
+        return  # the server cannot be told; the next sweep against it ends the run
+    try:
+        end_orphans(cfg.tracking, artifacts.TAG_JOB, lambda key: job_lock_path(Path(cfg.trainer.checkpoint_dir), key),
+                    own_key="")
+    except Exception as e:  # the ranks' failure is what the job reports
+        log.warning("could not end the run of the ranks that died: %s: %s", type(e).__name__, redact(str(e)))
 
 
 def _rank(cfg: dict, out_dir: str, parent_run_id: str | None, overrides: list[str], logging_cfg: dict | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -42,25 +43,41 @@ def check_server(uri: str) -> None:
     try:
         response = requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
     except requests.RequestException as e:
-        raise ConnectionError(f"the MLflow server tracking.uri={uri} does not answer ({type(e).__name__}); "
+        raise ConnectionError(f"the MLflow server tracking.uri={redact(uri)} does not answer ({type(e).__name__}); "
                               f"start it (mlflow server) or choose another tracking.uri") from None
     if response.status_code != 200:
-        raise ConnectionError(f"the MLflow server tracking.uri={uri} answered /health with "
+        raise ConnectionError(f"the MLflow server tracking.uri={redact(uri)} answered /health with "
                               f"HTTP {response.status_code}; is it an MLflow server?")
 
 
-def server_gone(uri: str) -> bool:
-    """Whether `uri` is an MLflow server that no longer answers. Then the calls this process
-    still makes to it fail at once instead of retrying each (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0):
-    the runs stay RUNNING there, and the next harness command against it marks them KILLED."""
-    try:
-        check_server(uri)
-        return False
-    except ConnectionError as e:
-        if os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") != "0":
-            log.warning("%s; this process no longer retries calls to it", redact(str(e)))
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-        return True
+_retries_before = None  # MLFLOW_HTTP_REQUEST_MAX_RETRIES before the server stopped answering ("" if unset)
+
+
+def server_gone(uri: str, probes: int = 3, wait_s: float = 1.0) -> str | None:
+    """Why `uri` is an MLflow server that no longer answers (after `probes` tries, `wait_s`
+    apart), or None. While it does not answer, the calls this process still makes to it fail at
+    once instead of retrying each (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0); the runs stay RUNNING there
+    until the next sweep against it marks them KILLED (harness/jobs.py end_orphans)."""
+    global _retries_before
+    for attempt in range(probes):
+        try:
+            check_server(uri)
+        except ConnectionError as e:
+            why = str(e)
+            if attempt + 1 < probes:
+                time.sleep(wait_s)
+            continue
+        if _retries_before is not None:  # it answers again
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = _retries_before
+            if not _retries_before:
+                del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+            _retries_before = None
+        return None
+    if _retries_before is None:
+        log.warning("%s; this process no longer retries calls to it", why)
+        _retries_before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    return why
 
 
 def _default_artifact_root(uri: str) -> str | None:

@@ -34,7 +34,7 @@ from harness.prefetch import ahead
 from harness.reduction import auto_loss_scale
 from harness.step import Split, plan_step, run_step
 from harness.tokenise import PreparedData, prepare_data
-from harness.tracking import RunLogger, check_server, flat_params, run_name
+from harness.tracking import RunLogger, flat_params, run_name, server_gone
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,9 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
     """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
     `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
     validate(cfg)
-    check_server(resolve_uri(cfg.tracking.uri))  # one that went away since the sweep started: fail before any work
+    gone = server_gone(resolve_uri(cfg.tracking.uri))  # since the sweep started: fail before any work
+    if gone:
+        raise ConnectionError(gone)
     t = cfg.trainer
     world = distributed.world_from_env()
     device = pick_device(t.device, world)

@@ -14,7 +14,7 @@ def pytest_configure(config):
     cores = sorted(os.sched_getaffinity(0))
     share = len(cores) // workers
     if share >= 1:
-        index = int(worker.removeprefix("gw"))
+        index = int(worker.removeprefix("gw")) % workers  # a worker that replaces a crashed one counts on
         os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
         torch.set_num_threads(share)  # torch sized its pool when it was imported, before this
 

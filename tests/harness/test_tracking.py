@@ -1,4 +1,6 @@
-"""Run names and the sweep's swept keys (harness/tracking.py)."""
+"""Run names, the sweep's swept keys, and a tracking server that stops answering (harness/tracking.py)."""
+
+import os
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -26,3 +28,27 @@ def test_run_names_carry_the_other_swept_values_so_they_never_repeat(tmp_path):
     assert len(names) == 8
     assert "mean-seed0 experiment=a trainer.lr=0.1" in names
     assert run_name("mean", 3, ["trainer.lr=0.1"], None) == "mean-seed3"  # no sweep: the plain name
+
+
+def test_a_server_that_stops_answering_stops_the_retries_until_it_answers_again(monkeypatch):
+    import harness.tracking as tracking
+
+    answers = []
+
+    def check(uri):
+        if not answers.pop(0):
+            raise ConnectionError(f"the MLflow server tracking.uri={uri} does not answer")
+
+    monkeypatch.setattr(tracking, "check_server", check)
+    monkeypatch.setattr(tracking, "_retries_before", None)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's own setting
+    answers[:] = [False, True]  # a blip: the second probe answers
+    assert tracking.server_gone("http://h:1", wait_s=0) is None
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    answers[:] = [False, False, False]
+    assert "does not answer" in tracking.server_gone("http://h:1", wait_s=0)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # later calls fail at once
+    answers[:] = [True]
+    assert tracking.server_gone("http://h:1", wait_s=0) is None
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"  # back to the user's setting
+    assert answers == []

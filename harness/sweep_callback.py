@@ -134,7 +134,7 @@ class SweepTracking(Callback):
         uri = resolve_uri(config.tracking.uri)
         if server_gone(uri):
             failed.append(f"the MLflow server {uri} no longer answers: no analysis, and the sweep's runs stay "
-                          "RUNNING there until the next command against it marks them KILLED")
+                          "RUNNING there until the next sweep against it marks them KILLED")
             end_open_parent(None)
         else:
             if not self.jobs_ended:

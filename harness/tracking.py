@@ -67,9 +67,10 @@ def server_gone(uri: str, probes: int = 3, wait_s: float = 1.0) -> str | None:
             if attempt + 1 < probes:
                 time.sleep(wait_s)
             continue
-        if _retries_before is not None:  # it answers again
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = _retries_before
-            if not _retries_before:
+        if _retries_before is not None:  # it answers again: the retries as they were
+            if _retries_before:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = _retries_before
+            else:
                 del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
             _retries_before = None
         return None

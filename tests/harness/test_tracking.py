@@ -51,4 +51,10 @@ def test_a_server_that_stops_answering_stops_the_retries_until_it_answers_again(
     answers[:] = [True]
     assert tracking.server_gone("http://h:1", wait_s=0) is None
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"  # back to the user's setting
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # no setting of the user's: none afterwards either
+    answers[:] = [False, False, False, True]
+    assert tracking.server_gone("http://h:1", wait_s=0) is not None
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert tracking.server_gone("http://h:1", wait_s=0) is None
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert answers == []

@@ -8,7 +8,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 TIMEFORMAT='wall %R s'
 nvidia-smi -L
-python3 -m pytest -q -p no:cacheprovider "$repo/tests/harness/test_gpu.py" 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider "$repo/tests/harness/training/test_gpu.py" 2>&1 | tail -3
 echo "== throughput: harness vs HF Trainer (the padding-free Trainer row left out: it recompiles for every row length)"
 python3 "$repo/benchmarks/gpu_throughput.py" --model qwen0.5b --data embedded --tokens-per-micro-batch 20480,10240 \
   --skip trainer-flat > "$out/throughput.log" 2>&1

@@ -35,15 +35,15 @@ from contextlib import nullcontext
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from harness.batching import Example
-from harness.chat_format import IGNORE
+from harness.data.batching import Example
+from harness.data.chat_format import IGNORE
 from harness.config import CONF_DIR
 from harness.distributed import World
-from harness.losses import CausalLMLoss
-from harness.prefetch import ahead
-from harness.reduction import MODES
-from harness.step import Split, plan_step, run_step
-from harness.data_order import training_order
+from harness.training.losses import CausalLMLoss
+from harness.training.prefetch import ahead
+from harness.training.reduction import MODES
+from harness.training.step import Split, plan_step, run_step
+from harness.data.data_order import training_order
 
 PEAK_FLOPS = 989e12
 MODELS = {
@@ -60,8 +60,8 @@ def embedded_examples(n: int, vocab: int) -> list[Example]:
     """The embedded synthetic chat set, tokenised as the default run does (char tokenizer)."""
     from omegaconf import OmegaConf
 
-    from harness.model import load_tokenizer
-    from harness.tokenise import prepare_data
+    from harness.model.loading import load_tokenizer
+    from harness.data.tokenise import prepare_data
     data_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml"), {"num_train": n, "num_val": 8})
     return prepare_data(data_cfg, load_tokenizer(OmegaConf.load(CONF_DIR / "model" / "tiny_llama.yaml"))).train
 
@@ -158,7 +158,7 @@ def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tupl
     from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from harness.chat_tokenizer import build_char_tokenizer
+    from harness.model.chat_tokenizer import build_char_tokenizer
     order = [examples[i] for s in steps for i in s]
     rows = [{"input_ids": e.input_ids, "labels": [IGNORE] + e.targets[:-1]} for e in order]
     torch.manual_seed(0)

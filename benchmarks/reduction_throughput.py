@@ -19,12 +19,12 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.data_order import training_order
+from harness.data.data_order import training_order
 from harness.distributed import World
-from harness.model import build_model, load_tokenizer
-from harness.reduction import MODES
-from harness.step import train_step
-from harness.tokenise import prepare_data
+from harness.model.loading import build_model, load_tokenizer
+from harness.training.reduction import MODES
+from harness.training.step import train_step
+from harness.data.tokenise import prepare_data
 
 GPU_MODEL = dict(hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12, num_kv_heads=4)
 

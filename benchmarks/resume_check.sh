@@ -14,7 +14,7 @@ cat > signal_at.py <<'EOF'
 # python signal_at.py CALL SIGNAL RANK [harness overrides]: the harness, sending SIGNAL to itself
 # (on RANK only) when run_step is called for the CALL-th time.
 import os, signal, sys
-import harness.train as train
+import harness.training.loop as train
 call, name, rank = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 real, calls = train.run_step, []
 def run_step(*args, **kwargs):

@@ -33,7 +33,7 @@ pack)
   set -e
   cd "$repo"
   rm -rf "$pack" && mkdir -p "$pack"/call1 "$pack"/call2 "$pack"/call3
-  gguf=$(python3 -c "from harness.gguf_convert import packaged_gguf; print(packaged_gguf())")
+  gguf=$(python3 -c "from harness.model.gguf_convert import packaged_gguf; print(packaged_gguf())")
   dd if="$gguf" of="$pack/call1/$GGUF_NAME.part0" bs=1M count=20 status=none
   dd if="$gguf" of="$pack/call2/$GGUF_NAME.part1" bs=1M skip=20 count=60 status=none
   dd if="$gguf" of="$pack/call3/$GGUF_NAME.part2" bs=1M skip=80 status=none
@@ -85,7 +85,7 @@ work="$store/work"; mkdir -p "$work"; cd "$work"
 common=(+experiment=sharegpt_smollm2 "model.gguf_file=$store/$GGUF_NAME" "data.path=$store/$DATA_NAME"
         "model.cache_dir=$store/cache" "data.cache_dir=$store/cache")
 echo "== converting the GGUF and tokenising the data (once; both regimes reuse them)"
-time (python3 -c 'import sys; from harness.preflight import main_or_exit; main_or_exit(sys.argv[1:])' \
+time (python3 -c 'import sys; from harness.launch.preflight import main_or_exit; main_or_exit(sys.argv[1:])' \
         -m "${common[@]}" "$@" > "$work/prepare.log" 2>&1) || { tail -n 5 "$work/prepare.log"; exit 1; }
 run_regime() {  # regime, GPU index: one sweep, its figures and results
   local regime=$1 gpu=$2 args=() start status wall sweep

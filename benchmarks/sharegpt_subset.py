@@ -3,7 +3,7 @@
 The packaged file is 125 MB, too large to carry to a machine that takes 64 MiB per call. A study
 with `data.max_examples=N` uses the first N usable conversations, so the records up to the last
 one it uses, in the same format and order, give it the same conversations with the same ids and
-the same split (harness/sharegpt.py: write_prefix).
+the same split (harness/data/sharegpt.py: write_prefix).
 
     python benchmarks/sharegpt_subset.py OUT.json [overrides, default: +experiment=sharegpt_smollm2]
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from harness import sharegpt
+from harness.data import sharegpt
 from harness.config import CONF_DIR, CONFIG_NAME
-from harness.sources import load_source
+from harness.data.sources import load_source
 
 
 def main(out: str, overrides: list[str]) -> None:

@@ -14,10 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import signals
+from harness.runs import signals
 from harness.artifacts import parent_run_id
 from harness.config import CONF_DIR, CONFIG_NAME, ranks_need_a_launcher_without_submitit
-from harness.preflight import main_or_exit, prints_only
+from harness.launch.preflight import main_or_exit, prints_only
 
 log = logging.getLogger("harness")
 
@@ -28,9 +28,9 @@ def app(cfg: DictConfig):
     import torch
 
     from harness.distributed import world_from_env
-    from harness.gpu_slots import claim_gpus, visible_ids
-    from harness.job_ranks import run_ranks
-    from harness.train import available_cores, concurrent_jobs, train
+    from harness.launch.gpu_slots import claim_gpus, visible_ids
+    from harness.launch.job_ranks import run_ranks
+    from harness.training.loop import available_cores, concurrent_jobs, train
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -69,7 +69,7 @@ def main() -> None:
     main_or_exit(sys.argv[1:])
     if prints_only(sys.argv[1:]):
         return app()  # Hydra prints help or the config; no job, no MLflow run
-    from harness.sweep_callback import end_open_parent
+    from harness.launch.sweep_callback import end_open_parent
 
     signals.install()
     try:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 SCHEMA_VERSION = "1"  # bump when a name or column below changes meaning
 
+# The reductions (harness/training/reduction.py defines them); a run's tag reduce_loss is one of these.
+MODES = ("mean", "sum", "token_mean", "seq_mean")
+
 # Tags of every training run.
 TAG_MODE = "reduce_loss"
 TAG_SEED = "seed"
@@ -25,7 +28,7 @@ TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in red
 TAG_INIT = "init_fingerprint"  # hash of the initial parameters
 TAG_DATA = "data_fingerprint"  # hash of the tokenised training and validation examples and the training order
 TAG_SCHEMA = "schema_version"
-TAG_JOB = "job_key"  # the job a run belongs to (harness/jobs.py); runs of one job are duplicates
+TAG_JOB = "job_key"  # the job a run belongs to (harness/runs/jobs.py); runs of one job are duplicates
 TAG_LOSS_SCALE = "loss_scale"  # the resolved loss_scale (the param holds `auto` when asked for)
 RUN_TAGS = [TAG_MODE, TAG_SEED, TAG_PAIR, TAG_INIT, TAG_DATA, TAG_SCHEMA]
 FINGERPRINT_TAGS = [TAG_INIT, TAG_DATA]
@@ -82,7 +85,7 @@ HIDDEN = "***"
 
 def redact(text: str) -> str:
     """`text` with the user and password of every URI in it replaced by ***: what is stored or
-    shown of a tracking URI (harness/credentials.py keeps them out of logs and job files)."""
+    shown of a tracking URI (harness/runs/credentials.py keeps them out of logs and job files)."""
     return USERINFO.sub(rf"\g<scheme>{HIDDEN}@", text)
 
 

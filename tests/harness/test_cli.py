@@ -124,7 +124,7 @@ def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, 
 @pytest.mark.slow
 def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     prelude = """
-        import harness.step as step
+        import harness.training.step as step
         real = step.example_weights
         def failing(mode, *args, **kwargs):
             if mode == "sum":
@@ -258,10 +258,10 @@ def test_job_folders_stay_in_the_sweep_and_credentials_are_stored_nowhere(tmp_pa
     # the store is a local file; the configured URI, with its password, is what gets written down
     prelude = """
         import os
-        import harness.sweep_callback, harness.tracking
+        import harness.launch.sweep_callback, harness.runs.tracking
         local = "sqlite:///" + os.path.abspath("mlflow.db")
-        harness.tracking.resolve_uri = harness.sweep_callback.resolve_uri = lambda uri: local
-        harness.tracking.check_server = lambda uri: None  # no server behind the URI: the local file serves
+        harness.runs.tracking.resolve_uri = harness.launch.sweep_callback.resolve_uri = lambda uri: local
+        harness.runs.tracking.check_server = lambda uri: None  # no server behind the URI: the local file serves
     """
     long_value = "x" * 300
     new_store(tmp_path / "mlflow.db")

@@ -1,5 +1,5 @@
 """Config composition and every documented bad input, in process (fast): the same check the
-command line runs before Hydra starts (harness/preflight.py)."""
+command line runs before Hydra starts (harness/launch/preflight.py)."""
 
 import logging
 from pathlib import Path
@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR, MAX_JOB_DIRNAME, job_dirname
-from harness.credentials import RedactCredentials, redact
-from harness.preflight import InputError, check_command_line, job_overrides
-from harness.tracking import flat_params
+from harness.runs.credentials import RedactCredentials, redact
+from harness.launch.preflight import InputError, check_command_line, job_overrides
+from harness.runs.tracking import flat_params
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 OFFLINE = {"tulu_qwen_0p5b"}  # opens a Hub model: composed and validated here, not opened

@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from harness.config import CONF_DIR, CONFIG_NAME
-from harness.preflight import main_or_exit
+from harness.launch.preflight import main_or_exit
 from tests.helpers.cli import child_runs, run_cli
 from tests.helpers.sharegpt_files import CUT_RECORD, many_conversations, turn, write_cut_off
 from tests.helpers.store import new_store

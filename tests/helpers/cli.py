@@ -37,8 +37,8 @@ def entry_check(argv: list[str], cwd: Path, through_cli: bool, monkeypatch, caps
         return proc.returncode, proc.stderr
     import datasets
 
-    from harness.preflight import main_or_exit
-    from harness.tracking import HTTP_DEFAULTS
+    from harness.launch.preflight import main_or_exit
+    from harness.runs.tracking import HTTP_DEFAULTS
     monkeypatch.chdir(cwd)
     for name in HTTP_DEFAULTS:  # main_or_exit sets them for the process; undone after the test
         monkeypatch.setenv(name, os.environ.get(name, HTTP_DEFAULTS[name]))

@@ -6,11 +6,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from harness.chat_format import IGNORE
+from harness.data.chat_format import IGNORE
 from harness.distributed import World
-from harness.losses import CausalLMLoss
-from harness.reduction import MODES
-from harness.step import Split, train_step
+from harness.training.losses import CausalLMLoss
+from harness.training.reduction import MODES
+from harness.training.step import Split, train_step
 from tests.helpers.models import flat_grad, make_examples, tiny_model
 
 UNEQUAL = [5, 9, 17, 33, 12, 60, 7, 25]

@@ -5,8 +5,8 @@ import random
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.batching import Example
-from harness.chat_format import IGNORE
+from harness.data.batching import Example
+from harness.data.chat_format import IGNORE
 
 VOCAB = 50
 

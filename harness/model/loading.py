@@ -1,0 +1,123 @@
+"""Tokenizer and causal LM: the embedded tiny LLaMA, any Hugging Face checkpoint, or a GGUF
+checkpoint converted once into one (`model=smollm2`, harness/model/gguf_convert.py)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from harness.model import gguf_convert
+from harness.model.chat_tokenizer import build_char_tokenizer
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """Bad model input (says what and where)."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[name]
+
+
+def _check_local(path: str, need_weights: bool) -> None:
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if not looks_local:
+        return  # a Hub id
+    if not os.path.isdir(path):
+        raise ModelError(f"model.name_or_path={path!r}: no such folder")
+    if need_weights and not any(glob.glob(os.path.join(path, p)) for p in WEIGHT_PATTERNS):
+        raise ModelError(f"model.name_or_path={path!r}: folder holds no safetensors weights")
+
+
+def checkpoint(cfg) -> str:
+    """What `from_pretrained` reads: model=hf's `name_or_path`, or model=smollm2's converted folder."""
+    if cfg.kind != "smollm2":
+        return cfg.name_or_path
+    try:
+        gguf = Path(os.path.expanduser(cfg.gguf_file)) if cfg.gguf_file else gguf_convert.packaged_gguf()
+        if not gguf.is_file():
+            raise gguf_convert.ConversionError(f"model.gguf_file={cfg.gguf_file!r}: no such file")
+        return str(gguf_convert.converted_folder(gguf, cfg.cache_dir))
+    except gguf_convert.ConversionError as e:
+        raise ModelError(str(e)) from None
+
+
+def load_tokenizer(cfg):
+    """The tokenizer of the model config `cfg` (the `model` group), with a chat template.
+
+    Opening the model source here, first, makes a missing folder or missing weights fail in one
+    line before anything else starts."""
+    if cfg.kind == "tiny_llama":
+        return build_char_tokenizer()
+    path = checkpoint(cfg)
+    _check_local(path, need_weights=cfg.init == "pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # no network, offline without a cached copy, no such repository
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    if not tokenizer.chat_template:
+        raise ModelError(
+            f"tokenizer of {path!r} has no chat template; set model.chat_template"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _unreachable(name: str, error: OSError) -> str:
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else ""
+    return (f"model.name_or_path={name!r}: cannot load it from the Hub or the local cache{offline}: "
+            f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:300]}")
+
+
+def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
+    """The model, on the CPU, initialised from `seed` alone (for random init)."""
+    torch.manual_seed(seed)
+    dtype = _dtype(cfg.dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        log.warning("model.dtype=%s: the weights and AdamW's updates are kept in %s, which rounds away an "
+                    "update smaller than about %.2g%% of a weight (most updates at fine-tuning learning rates); "
+                    "model.dtype=float32 with trainer.precision=auto (bf16 autocast on CUDA) keeps them",
+                    cfg.dtype, cfg.dtype, 100 * torch.finfo(dtype).eps / 2)
+    if cfg.kind == "tiny_llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+        config._attn_implementation = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+        return LlamaForCausalLM(config).to(dtype)
+    attention = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attention)
+    path = checkpoint(cfg)
+    try:
+        if cfg.init == "random":
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
+    except OSError as e:
+        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
+
+
+def choose_attention(model, setting: str, device: torch.device, packed: bool) -> None:
+    """`auto`: FlexAttention for packed rows on CUDA (a block-sparse document mask; sdpa would
+    need a dense [L, L] mask there), sdpa otherwise (FlexAttention has no CPU backward)."""
+    if setting == "auto" and device.type == "cuda" and packed:
+        model.set_attn_implementation("flex_attention")

@@ -1,0 +1,374 @@
+"""The training loop: one run of one reduction, start to finish."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from harness import artifacts, distributed
+
+from harness.runs import signals
+from harness.artifacts import resolve_uri
+from harness.data.batching import Example
+from harness.runs.checkpoint import LoopState
+from harness.config import pair_key, row_length, validate
+from harness.runs.credentials import redact
+from harness.data.data_order import training_order
+from harness.training.evaluate import evaluate_and_log
+from harness.runs.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
+from harness.training.guard import StepGuard
+from harness.runs.jobs import claim_job
+from harness.training.losses import CausalLMLoss, supports_chunked_loss
+from harness.model.loading import build_model, choose_attention, load_tokenizer
+from harness.training.prefetch import ahead
+from harness.training.reduction import auto_loss_scale
+from harness.training.step import Split, plan_step, run_step
+from harness.data.tokenise import PreparedData, prepare_data
+from harness.runs.tracking import RunLogger, flat_params, run_name, server_gone
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str, world: distributed.World) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+    if world.size == 1:  # a sweep's job may have been given another GPU (harness/launch/gpu_slots.py)
+        return torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
+
+
+def set_threads(setting, device: torch.device, concurrent_jobs: int = 1) -> None:
+    """torch's CPU threads. `auto`: torch's default (one per core), or the cores shared out when
+    jobs run side by side on this machine's CPU: threads that outnumber the free cores wait for
+    each other (the default sweep ran ~7x slower so; README has the measurements)."""
+    if setting == "auto":
+        setting = None
+        if device.type == "cpu" and concurrent_jobs > 1:
+            setting = max(1, available_cores() // concurrent_jobs)
+    if setting is not None:
+        torch.set_num_threads(setting)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (taskset, cgroups)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def concurrent_jobs() -> int:
+    """Jobs of this sweep running side by side on this machine: joblib's n_jobs; every job of a
+    sweep under submitit's local executor, which starts them all at once (counted as one per
+    core); 1 for the basic launcher, a single run, or a job that has a node of its own."""
+    if "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+        return available_cores()
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return 1
+    n = int(HydraConfig.get().launcher.get("n_jobs") or 1)
+    return n if n > 0 else max(1, available_cores() + 1 + n)  # joblib: -1 is every core, -2 all but one
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast over the model's own (float32 by default) weights: asked for with
+    `bf16-mixed`, or `auto` on CUDA. None: the forward pass runs in the weights' dtype."""
+    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Setup:
+    data: PreparedData
+    model: torch.nn.Module  # on the device, in training mode
+    step_model: torch.nn.Module  # the model and its loss, compiled and/or in DDP (harness/training/losses.py)
+    chunk_tokens: int | None  # of the chunked loss; None: the plain path
+    steps: list[list[int]]  # the training examples of every step
+    pad_id: int
+    loss_scale: float  # `sum`'s token weight, `auto` resolved
+    identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
+
+
+def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
+    """Data, model and data order. Everything that must match within a pair depends on the
+    seed and the config without `reduce_loss` only. Then the model moves to the device."""
+    tokenizer = load_tokenizer(cfg.model)
+    if not world.is_main:
+        distributed.barrier(world)  # rank 0 tokenises (and caches) first; the others reuse it
+    data = prepare_data(cfg.data, tokenizer)
+    if world.is_main:
+        distributed.barrier(world)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    steps = training_order(len(data.train), cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.seed)
+    loss_scale = cfg.loss_scale if cfg.loss_scale != "auto" else \
+        auto_loss_scale([e.target_tokens for e in data.train], steps)
+    identity = {
+        artifacts.TAG_MODE: cfg.reduce_loss,
+        artifacts.TAG_SEED: str(cfg.seed),
+        artifacts.TAG_PAIR: config_fingerprint(pair_key(cfg)),
+        artifacts.TAG_INIT: params_fingerprint(model),
+        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val),
+        artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
+        artifacts.TAG_CACHE: data.cache,
+        artifacts.TAG_LOSS_SCALE: repr(float(loss_scale)),
+        "precision": "bf16-mixed" if autocast_dtype(cfg.trainer.precision, device) else "fp32",
+        "device": device.type,
+        "world_size": str(world.size),
+    }
+    t = cfg.trainer
+    log.info("training on %s (%s), world size %d", device,
+             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
+    model = model.to(device).train()
+    choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
+    chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
+    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device, stable_shapes=t.tokens_per_micro_batch is not None)
+    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity)
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this job (empty outside a Hydra job)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[str] | None = None) -> dict[str, float]:
+    """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
+    `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
+    validate(cfg)
+    gone = server_gone(resolve_uri(cfg.tracking.uri))  # since the sweep started: fail before any work
+    if gone:
+        raise ConnectionError(gone)
+    t = cfg.trainer
+    world = distributed.world_from_env()
+    device = pick_device(t.device, world)
+    set_threads(t.threads, device, concurrent_jobs())
+    distributed.init(world, device)
+    run = set_up(cfg, world, device)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
+    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
+    step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
+                     autocast_dtype=autocast_dtype(t.precision, device))
+    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
+                     chunk_tokens=run.chunk_tokens, tokens_per_row=t.tokens_per_micro_batch)
+    train_set = run.data.train
+
+    def plan(step: int):
+        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=run.loss_scale,
+                         split=split, world=world, layout=layout)
+        return made.pin() if device.type == "cuda" else made
+
+    job = claim_job(cfg, run.identity, world, parent_run_id)  # waits while another process trains it
+    if job.finished is not None:
+        job.release()
+        log.info("job %s already FINISHED as MLflow run %s; nothing to train", job.key, job.run_id)
+        return job.finished
+    tracker = RunLogger(enabled=world.is_main)
+    try:
+        tally = Tally(len(train_set), t.max_steps, device)
+        done = 0  # steps already trained
+        if job.resume_from is not None:
+            done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
+        if overrides is None:
+            overrides = job_overrides()
+        name = run_name(cfg.reduce_loss, cfg.seed, overrides, parent_run_id) if world.is_main else ""
+        tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
+                      parent_run_id, resume_id=job.run_id, resume_step=done)
+        log_config(cfg, run.data, out_dir, tracker, world)
+        tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
+        meter, val_metrics = Throughput(), {}
+        progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
+                        disable=not world.is_main, dynamic_ncols=True)
+        with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
+            for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
+                record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
+                progress.update()
+                tally.add(step, record)
+                meter.add(record.tokens)
+                logs = step % t.log_every == 0 or step == t.max_steps
+                evaluates = step % t.eval_every == 0 or step == t.max_steps
+                stop = signals.stop_requested(world, device)
+                saves = stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps)
+                if logs or evaluates or saves:
+                    tally.guard.check()  # nothing of a step past a non-finite one is logged, evaluated or saved
+                if logs:
+                    log_step(record, scheduler, meter, step, tracker, progress)
+                if evaluates:
+                    val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
+                                                   tracker, **eval_args)
+                    meter.restart()  # evaluation time is not training throughput
+                if saves:
+                    job.checkpoints.save(tally.state(step), run.model, optimizer, scheduler, tracker.run_id)
+                if stop:
+                    raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
+        tally.log(train_set, out_dir, tracker, world)
+        if val_metrics:
+            log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "
+                     "(example-weighted)", cfg.reduce_loss, cfg.seed, t.max_steps, val_metrics["val/token_loss"],
+                     val_metrics["val/seq_loss"])
+        tracker.end()
+        job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
+    except BaseException as error:
+        tracker.end(error)
+        raise
+    finally:
+        job.release()
+    return val_metrics
+
+
+class Tally:
+    """What the loop adds up over a run's steps, on the device (no per-step sync), and keeps in
+    its checkpoints: each training example's gradient weight, clipping, the non-finite guard."""
+
+    def __init__(self, examples: int, max_steps: int, device: torch.device):
+        self.max_steps = max_steps
+        self.grad_weight = torch.zeros(examples, dtype=torch.float64, device=device)
+        self.times_seen = torch.zeros(examples, dtype=torch.long, device=device)
+        self.grad_norms = torch.zeros(max_steps, dtype=torch.float64, device=device)  # before clipping
+        self.clipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.guard = StepGuard(max_steps, device)
+        self.tokens = 0  # over all ranks
+
+    def add(self, step: int, record) -> None:
+        self.guard.update(step, record)
+        self.grad_weight.index_add_(0, record.example_index, record.example_weight)
+        self.times_seen.index_add_(0, record.example_index, torch.ones_like(record.example_index))
+        self.grad_norms[step - 1] = record.grad_norm
+        self.clipped_steps += record.clipped
+        self.tokens += record.tokens
+
+    def state(self, step: int) -> LoopState:
+        kept = self.guard.state_dict() | {"grad_norms": self.grad_norms, "clipped_steps": self.clipped_steps}
+        return LoopState(step, self.grad_weight, self.times_seen, self.tokens, kept)
+
+    def restore(self, saved: LoopState) -> int:
+        """Continue from a checkpoint; returns the steps it had trained."""
+        self.grad_weight, self.times_seen, self.tokens = saved.grad_weight, saved.times_seen, saved.tokens_seen
+        self.guard.load_state_dict(saved.guard)
+        self.grad_norms, self.clipped_steps = saved.guard["grad_norms"], saved.guard["clipped_steps"]
+        return saved.step
+
+    def log(self, examples: list[Example], out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
+        """End of run: gradient weights per example, clipping, tokens, flags."""
+        log_grad_weights(examples, self.grad_weight, self.times_seen, out_dir, tracker, world)
+        tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(self.clipped_steps) / self.max_steps,
+                         artifacts.GRAD_NORM_MEDIAN_METRIC: float(self.grad_norms.quantile(0.5)),
+                         "train/tokens_seen": self.tokens}, step=self.max_steps)
+        flag_run(self.guard.flags(), tracker)
+
+
+class Throughput:
+    """Tokens per second over each logging interval (restarted after evaluations), and its
+    exponential moving average for the progress bar (single intervals swing widely)."""
+
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing, self.smoothed = smoothing, None
+        self.restart()
+
+    def add(self, tokens: int) -> None:
+        self.since += tokens
+
+    def restart(self) -> None:
+        self.tic, self.since = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.since / (now - self.tic)
+        self.tic, self.since = now, 0  # the next interval starts where this one ended (not restart(): no gap)
+        self.smoothed = rate if self.smoothed is None else self.smoothed + self.smoothing * (rate - self.smoothed)
+        return rate
+
+
+def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
+    """Tokens per chunk of the chunked loss (harness/training/losses.py), or None for the plain path.
+    `auto`: chunked on CUDA, with chunks whose float32 logits take about 1 GiB."""
+    if setting == "auto":
+        if device.type != "cuda" or not supports_chunked_loss(model):
+            return None
+        return max(256, (2**28 // model.config.vocab_size) // 256 * 256)
+    if setting is not None and not supports_chunked_loss(model):
+        raise ValueError("trainer.loss_chunk_tokens: this model's LM head has a bias or logit scaling; "
+                         "set trainer.loss_chunk_tokens=null")
+    return setting
+
+
+def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device,
+         stable_shapes: bool = True):
+    """torch.compile the model (`auto`: on CUDA, when every micro-batch has the same shape), then
+    DDP across ranks."""
+    # Padded micro-batches change shape from step to step, and each new shape recompiles: on an
+    # H200 the default sweep's first 57 steps took 59 s compiled, a whole 120-step run 5 to 27 s eager.
+    if compile_setting is True or (compile_setting == "auto" and device.type == "cuda" and stable_shapes):
+        loss_model.compile_model()
+    if world.size > 1:
+        return DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_model
+
+
+def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.yaml").write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    tracker.params(flat_params(cfg))
+    tracker.artifact(out_dir / "resolved_config.yaml")
+    tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {
+        "data/train_examples": len(data.train), "data/val_examples": len(data.val)}, step=0)
+
+
+def log_step(record, scheduler, meter: Throughput, step: int, tracker: RunLogger, progress) -> None:
+    """The step's metrics, summed over ranks (this syncs with the device)."""
+    nll_total, objective_total = distributed.all_reduce_float([record.nll_sum, record.objective])
+    tokens_per_s = meter.rate()  # after the sync: the interval's work is done
+    train_loss = nll_total / record.target_tokens
+    tracker.metrics({
+        artifacts.TRAIN_LOSS_METRIC: train_loss,  # token-mean NLL of the step: comparable across modes
+        "train/objective": objective_total,  # what this mode minimises
+        "train/grad_norm": float(record.grad_norm),  # before clipping
+        "train/clipped": float(record.clipped),
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/target_tokens": record.target_tokens,
+        "train/tokens_per_s": tokens_per_s,
+    }, step=step)
+    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{meter.smoothed:,.0f}", refresh=False)
+
+
+def flag_run(flags: dict[str, str], tracker: RunLogger) -> None:
+    """Tag a run that finished but looks broken (the analysis refuses it unless told otherwise)."""
+    if not flags:
+        return
+    log.warning("run flagged %s: %s", ",".join(flags), "; ".join(flags.values()))
+    tracker.tags({artifacts.TAG_FLAG: ",".join(flags), artifacts.TAG_FLAG_REASON: "; ".join(flags.values())})
+
+
+def log_grad_weights(examples: list[Example], grad_weight, times_seen, out_dir: Path, tracker: RunLogger,
+                     world: distributed.World) -> None:
+    """Per training example: how much of the objective's weight it carried over the run."""
+    grad_weight = distributed.sum_tensor(grad_weight)
+    times_seen = distributed.sum_tensor(times_seen)
+    if not world.is_main:
+        return
+    df = pd.DataFrame({
+        "example_id": [e.example_id for e in examples],
+        "seq_len": [e.seq_len for e in examples],
+        "target_tokens": [e.target_tokens for e in examples],
+        "times_seen": times_seen.cpu().numpy(),
+        "grad_weight": grad_weight.cpu().numpy(),
+    })[artifacts.GRAD_WEIGHT_COLUMNS]
+    path = out_dir / artifacts.GRAD_WEIGHT_FILE
+    df.to_parquet(path)
+    tracker.artifact(path, artifacts.TRAIN_DIR)

@@ -147,31 +147,16 @@ def job_overrides() -> list[str]:
 def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[str] | None = None) -> dict[str, float]:
     """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
     `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
-    validate(cfg)
-    gone = server_gone(resolve_uri(cfg.tracking.uri))  # since the sweep started: fail before any work
-    if gone:
-        raise ConnectionError(gone)
     t = cfg.trainer
-    world = distributed.world_from_env()
-    device = pick_device(t.device, world)
-    set_threads(t.threads, device, concurrent_jobs())
-    distributed.init(world, device)
+    world, device = start(cfg)
     run = set_up(cfg, world, device)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
-    layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
-    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
+    plan = step_planner(cfg, run, world, device)
     step_args = dict(max_grad_norm=t.max_grad_norm, world=world, device=device,
                      autocast_dtype=autocast_dtype(t.precision, device))
-    eval_args = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
-                     chunk_tokens=run.chunk_tokens, tokens_per_row=t.tokens_per_micro_batch)
-    train_set = run.data.train
-
-    def plan(step: int):
-        made = plan_step(train_set, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=run.loss_scale,
-                         split=split, world=world, layout=layout)
-        return made.pin() if device.type == "cuda" else made
+    evaluate = evaluator(cfg, run, world, device, out_dir)
 
     job = claim_job(cfg, run.identity, world, parent_run_id)  # waits while another process trains it
     if job.finished is not None:
@@ -180,17 +165,11 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
         return job.finished
     tracker = RunLogger(enabled=world.is_main)
     try:
-        tally = Tally(len(train_set), t.max_steps, device)
+        tally = Tally(len(run.data.train), t.max_steps, device)
         done = 0  # steps already trained
         if job.resume_from is not None:
             done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
-        if overrides is None:
-            overrides = job_overrides()
-        name = run_name(cfg.reduce_loss, cfg.seed, overrides, parent_run_id) if world.is_main else ""
-        tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
-                      parent_run_id, resume_id=job.run_id, resume_step=done)
-        log_config(cfg, run.data, out_dir, tracker, world)
-        tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
+        start_run(cfg, run, job, tracker, out_dir, world, parent_run_id, overrides, done)
         meter, val_metrics = Throughput(), {}
         progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
@@ -209,18 +188,14 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
                 if logs:
                     log_step(record, scheduler, meter, step, tracker, progress)
                 if evaluates:
-                    val_metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir,
-                                                   tracker, **eval_args)
+                    val_metrics = evaluate(step, tracker)
                     meter.restart()  # evaluation time is not training throughput
                 if saves:
                     job.checkpoints.save(tally.state(step), run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
-        tally.log(train_set, out_dir, tracker, world)
-        if val_metrics:
-            log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "
-                     "(example-weighted)", cfg.reduce_loss, cfg.seed, t.max_steps, val_metrics["val/token_loss"],
-                     val_metrics["val/seq_loss"])
+        tally.log(run.data.train, out_dir, tracker, world)
+        log_final(cfg, val_metrics)
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
     except BaseException as error:
@@ -229,6 +204,63 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
     finally:
         job.release()
     return val_metrics
+
+
+def start(cfg) -> tuple[distributed.World, torch.device]:
+    """Checks before any work, then this process's rank, device and CPU threads."""
+    validate(cfg)
+    gone = server_gone(resolve_uri(cfg.tracking.uri))  # since the sweep started: fail before any work
+    if gone:
+        raise ConnectionError(gone)
+    world = distributed.world_from_env()
+    device = pick_device(cfg.trainer.device, world)
+    set_threads(cfg.trainer.threads, device, concurrent_jobs())
+    distributed.init(world, device)
+    return world, device
+
+
+def step_planner(cfg, run: Setup, world: distributed.World, device: torch.device):
+    """step -> its micro-batches and token weights (harness/training/step.py), pinned on CUDA."""
+    t = cfg.trainer
+    layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
+    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
+
+    def plan(step: int):
+        made = plan_step(run.data.train, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=run.loss_scale,
+                         split=split, world=world, layout=layout)
+        return made.pin() if device.type == "cuda" else made
+    return plan
+
+
+def evaluator(cfg, run: Setup, world: distributed.World, device: torch.device, out_dir: Path):
+    """(step, tracker) -> the validation metrics, logged with the per-example losses."""
+    t = cfg.trainer
+    layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
+
+    def evaluate(step: int, tracker: RunLogger) -> dict[str, float]:
+        return evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker,
+                                batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
+                                chunk_tokens=run.chunk_tokens, tokens_per_row=t.tokens_per_micro_batch)
+    return evaluate
+
+
+def start_run(cfg, run: Setup, job, tracker: RunLogger, out_dir: Path, world: distributed.World,
+              parent_run_id: str | None, overrides: list[str] | None, done: int) -> None:
+    """Open the job's MLflow run (resumed if it has one) and log its config."""
+    if overrides is None:
+        overrides = job_overrides()
+    name = run_name(cfg.reduce_loss, cfg.seed, overrides, parent_run_id) if world.is_main else ""
+    tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
+                  parent_run_id, resume_id=job.run_id, resume_step=done)
+    log_config(cfg, run.data, out_dir, tracker, world)
+    tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
+
+
+def log_final(cfg, val_metrics: dict[str, float]) -> None:
+    if val_metrics:
+        log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "
+                 "(example-weighted)", cfg.reduce_loss, cfg.seed, cfg.trainer.max_steps, val_metrics["val/token_loss"],
+                 val_metrics["val/seq_loss"])
 
 
 class Tally:

@@ -22,7 +22,8 @@ from harness.runs.fingerprint import config_fingerprint
 from harness.runs.jobs import end_orphans, sweep_lock_path
 from harness.launch.preflight import expand_jobs
 from harness.runs.summary import sweep_summary
-from harness.runs.tracking import SWEEP_KEY_TAG, SWEPT_KEYS_TAG, server_gone, start_parent_run, swept_keys
+from harness.runs.tracking import (SWEEP_KEY_TAG, SWEPT_KEYS_TAG, job_values, server_gone, start_parent_run,
+                                   swept_keys)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class SweepTracking(Callback):
         self.jobs_ended = 0  # in this process; 0 when a launcher ran them in others
         self.started_ms = 0
         self.jobs: list[list[str]] = []  # each job's overrides
+        self.notes: list[str] = []  # for the summary: why there is no comparison, say
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _open_parent, _sweep_lock
@@ -151,12 +153,17 @@ class SweepTracking(Callback):
                 end_open_parent("FAILED" if failed else "FINISHED")
             except Exception as e:  # Hydra would only warn, and exit 0
                 failed.append(f"ending the sweep's MLflow run: {e}")
-        print(redact(sweep_summary(Path(config.hydra.sweep.dir), uri, results, failed)), flush=True)
+        print(redact(sweep_summary(Path(config.hydra.sweep.dir), uri, results, failed, self.notes)), flush=True)
         if failed:
             sys.exit(1)
 
     def _analyse(self, config: DictConfig):
         if not self.analyse:
+            return None
+        modes = job_values(self.jobs, "reduce_loss", str(config.reduce_loss))
+        if len(modes) < 2:  # seed noise of one reduction, say: nothing to compare, and no failure
+            self.notes.append(f"nothing to compare: every job of this sweep used reduce_loss={modes.pop()}; "
+                              "sweep two or more reductions for a comparison (-m reduce_loss=mean,sum ...)")
             return None
         from analysis.compute import Options  # the one place the harness reaches the analysis
         from analysis.run import run_analysis

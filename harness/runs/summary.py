@@ -30,9 +30,9 @@ def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] = ()) -> str:
+def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] = (), notes: list[str] = ()) -> str:
     """The lines a sweep ends with. `results`: the analysis (analysis/compute.py Results), or
-    None when there is none."""
+    None when there is none; `notes`: lines that say why (no failure)."""
     sweep_dir = Path(sweep_dir).resolve()
     lines = ["", "== sweep finished ==" if not failures else "== sweep finished WITH FAILURES ==",
              f"sweep folder: {sweep_dir}"]
@@ -45,6 +45,7 @@ def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] =
                           f"{results.options.reference} (per-example mean loss, example-weighted; "
                           "* = interval excludes 0, not adjusted for multiple comparisons):",
                       table.to_string(index=False)]
+    lines += notes
     for failure in failures:
         lines.append(f"FAILED: {failure}")
     lines += ["", f"open the runs: {mlflow_ui_command(uri)}"]

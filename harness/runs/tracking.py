@@ -173,6 +173,11 @@ def swept_keys(jobs: list[list[str]]) -> list[str]:
     return [k for k, v in values.items() if len(v) > 1]
 
 
+def job_values(jobs: list[list[str]], key: str, default: str) -> set[str]:
+    """The values `key` takes across the jobs (`default` in a job that does not set it)."""
+    return {dict(map(_key_and_value, job)).get(key, default) for job in jobs}
+
+
 def run_name(mode: str, seed: int, job_overrides: list[str], parent_id: str | None) -> str:
     """`<mode>-seed<seed>`, then the job's values of the other keys its sweep varies (from the
     parent run's tag), so that runs of one sweep never share a name."""

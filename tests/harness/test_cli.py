@@ -146,6 +146,19 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sweep_of_one_reduction_finishes_and_says_there_is_nothing_to_compare(tmp_path):
+    new_store(tmp_path / "mlflow.db")
+    proc = run_cli(["-m", "reduce_loss=sum", "seed=0,1", *QUICK], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parents, children = child_runs(tmp_path)
+    assert sorted(children.status) == ["FINISHED", "FINISHED"] and parents.status.iloc[0] == "FINISHED"
+    summary = proc.stdout[proc.stdout.index("== sweep finished =="):]
+    assert "nothing to compare: every job of this sweep used reduce_loss=sum" in summary
+    assert "-m reduce_loss=mean,sum" in summary and "FAILED" not in summary
+    assert not list(tmp_path.glob("multirun/*/*/analysis"))
+
+
+@pytest.mark.slow
 def test_help_and_cfg_job(tmp_path):
     help_text = run_cli(["--help"], tmp_path)
     assert help_text.returncode == 0 and "reduce_loss" in help_text.stdout

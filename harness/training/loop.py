@@ -55,7 +55,7 @@ def pick_device(name: str, world: distributed.World) -> torch.device:
 def set_threads(setting, device: torch.device, concurrent_jobs: int = 1) -> None:
     """torch's CPU threads. `auto`: torch's default (one per core), or the cores shared out when
     jobs run side by side on this machine's CPU: threads that outnumber the free cores wait for
-    each other (the default sweep ran ~7x slower so; README has the measurements)."""
+    each other (the default sweep ran ~7x slower so; docs/performance.md has the measurements)."""
     if setting == "auto":
         setting = None
         if device.type == "cpu" and concurrent_jobs > 1:

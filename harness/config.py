@@ -97,13 +97,25 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"grad_accum*world_size={chunks} micro-batches cannot be shared evenly by the {running} ranks running"
         )
-    if t.tokens_per_micro_batch is not None:
-        _int("trainer.tokens_per_micro_batch", t.tokens_per_micro_batch)
-        if t.tokens_per_micro_batch < cfg.data.max_seq_len:
+    rows = t.tokens_per_micro_batch
+    if rows == "auto":
+        rows = t.max_tokens_per_micro_batch
+        _int("trainer.max_tokens_per_micro_batch", rows)
+        if rows < cfg.data.max_seq_len:
             raise ConfigError(
-                f"trainer.tokens_per_micro_batch={t.tokens_per_micro_batch} is shorter than "
+                f"trainer.max_tokens_per_micro_batch={rows} is shorter than data.max_seq_len={cfg.data.max_seq_len}; "
+                "trainer.tokens_per_micro_batch=auto needs rows that hold the longest example"
+            )
+    elif rows is not None:
+        _int("trainer.tokens_per_micro_batch", rows)
+        if rows < cfg.data.max_seq_len:
+            raise ConfigError(
+                f"trainer.tokens_per_micro_batch={rows} is shorter than "
                 f"data.max_seq_len={cfg.data.max_seq_len}; a micro-batch must hold the longest example"
             )
+    _int("trainer.jobs_per_gpu", t.jobs_per_gpu)
+    if t.compile_cache_dir is not None and (not isinstance(t.compile_cache_dir, str) or not t.compile_cache_dir):
+        raise ConfigError(f"trainer.compile_cache_dir={t.compile_cache_dir!r} must be a folder or null")
 
     d = cfg.data
     _int("data.max_seq_len", d.max_seq_len)
@@ -176,9 +188,10 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def gpu_jobs(ranks_per_job=1) -> int:
-    """Jobs that fit side by side on the visible GPUs, at least 1 (conf/hydra/launcher/gpus.yaml)."""
-    return max(1, cuda_count() // max(1, int(ranks_per_job)))
+def gpu_jobs(ranks_per_job=1, jobs_per_gpu=1) -> int:
+    """Jobs that run side by side on the visible GPUs, at least 1 (conf/hydra/launcher/gpus.yaml):
+    one per `ranks_per_job` GPUs, times `jobs_per_gpu` jobs sharing each."""
+    return max(1, cuda_count() // max(1, int(ranks_per_job))) * max(1, int(jobs_per_gpu))
 
 
 OmegaConf.register_new_resolver("gpu_jobs", gpu_jobs, replace=True)

@@ -142,11 +142,24 @@ def validate(cfg: DictConfig) -> None:
 
     m = cfg.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
+    if m.get("liger_kernels", False) is not False:
+        _liger(m.liger_kernels, t.device)
     if m.kind in ("hf", "smollm2"):
         _choice("model.init", m.init, ("pretrained", "random"))
     if m.kind == "hf":
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def _liger(setting, device: str) -> None:
+    import importlib.util
+    if setting is not True:
+        raise ConfigError(f"model.liger_kernels={setting!r} must be true or false")
+    if device == "cpu" or not cuda_count():
+        raise ConfigError("model.liger_kernels=true runs Liger's Triton kernels, which need a CUDA GPU; "
+                          "set model.liger_kernels=false here")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("model.liger_kernels=true needs liger-kernel: pip install liger-kernel==0.8.5")
 
 
 def _sqlite_folder(uri: str) -> None:

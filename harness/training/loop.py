@@ -33,7 +33,7 @@ from harness.runs.fingerprint import config_fingerprint, data_fingerprint, param
 from harness.training.guard import StepGuard
 from harness.runs.jobs import claim_job
 from harness.training.losses import CausalLMLoss, supports_chunked_loss
-from harness.model.loading import build_model, choose_attention, load_tokenizer
+from harness.model.loading import apply_liger_kernels, build_model, choose_attention, load_tokenizer
 from harness.training.prefetch import ahead
 from harness.training.reduction import auto_loss_scale
 from harness.training.step import RowChoice, Split, choose_rows, plan_step, run_step
@@ -138,6 +138,8 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     log.info("training on %s (%s), world size %d", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model = model.to(device).train()
+    if cfg.model.get("liger_kernels", False):
+        apply_liger_kernels(model)
     choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
     step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device,

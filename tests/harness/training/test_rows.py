@@ -133,3 +133,22 @@ def test_auto_rows_give_the_semantic_splits_gradient(mode, grad_accum):
     assert rel_err(got, expected) <= TOL
     explicit = harness_grad(examples, mode, grad_accum, tokens_per_micro_batch=128)
     assert rel_err(got, explicit) <= TOL
+
+
+@pytest.mark.slow
+def test_a_sweep_with_auto_rows_gives_both_modes_the_same_rows_and_logs_their_fill(tmp_path):
+    """`python -m harness -m reduce_loss=mean,sum trainer.tokens_per_micro_batch=auto` (QUICK
+    settings): both runs of the pair run the same rows, and say how full they were. About 40 s."""
+    from tests.helpers.cli import QUICK, child_runs, run_cli
+    proc = run_cli(["-m", "reduce_loss=mean,sum", "trainer.tokens_per_micro_batch=auto", *QUICK,
+                    "hydra.callbacks.sweep_tracking.analyse=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = child_runs(tmp_path)
+    assert len(runs) == 2 and runs["metrics.train/row_tokens"].nunique() == 1
+    assert runs["metrics.train/row_fill_mean"].nunique() == 1  # the same rows, the same fill
+    assert runs["tags.pair_id"].nunique() == 1  # auto stays a pair
+    fill = runs["metrics.train/row_fill_mean"].iloc[0]
+    assert 0.5 < fill <= 1.0
+    for key in ("time/setup_s", "time/first_step_s", "time/train_s", "time/eval_s", "time/wall_s"):
+        assert (runs[f"metrics.{key}"] >= 0).all(), key
+    assert (runs["metrics.time/wall_s"] >= runs["metrics.time/train_s"] + runs["metrics.time/eval_s"]).all()

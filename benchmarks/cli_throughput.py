@@ -11,6 +11,11 @@ fill, and the job's `time/*` metrics (harness/training/loop.py: JobClock): set-u
 (compile), training, evaluation and the job's wall time over its training time. The whole
 process's wall time is printed too (imports, Hydra, the sweep's analysis is switched off).
 
+--write-model SHAPE:DIR writes a model folder for `model=hf model.name_or_path=DIR
+model.init=random` and exits: the config of one of benchmarks/gpu_throughput.py's shapes
+(qwen0.5b, smollm135m; random init, no download) with the embedded character tokenizer, so the
+CLI trains the benchmark's model on the embedded data, as the benchmark does.
+
 --in-process: the first job's config, composed with the same overrides (the first value of a
 swept key), trains `--steps` steps here with the harness's own set-up and step (no MLflow, no
 evaluation) after `--warmup` steps; its tokens/s is printed beside the CLI's, so the two cannot
@@ -26,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_throughput's model shapes
 
 PEAK_FLOPS = 989e12
 
@@ -99,14 +106,33 @@ def in_process_rate(overrides: list[str], steps: int, warmup: int) -> float:
     return tokens / (time.perf_counter() - tic) if tic is not None else float("nan")
 
 
+def write_model(spec: str) -> None:
+    shape, folder = spec.split(":", 1)
+    from gpu_throughput import MODELS
+
+    from harness.model.chat_tokenizer import build_char_tokenizer
+    tokenizer = build_char_tokenizer()
+    import torch
+    with torch.device("meta"):
+        config = MODELS[shape]().config
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"wrote {folder}: the {shape} shape (vocabulary {config.vocab_size}) and the character tokenizer; "
+          f"train it with model=hf model.name_or_path={folder} model.init=random")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, help="where the sweep runs (default: a new temporary folder)")
     p.add_argument("--in-process", action="store_true", help="also time the first job's steps in this process")
     p.add_argument("--steps", type=int, default=20, help="in-process: steps timed")
     p.add_argument("--warmup", type=int, default=3, help="in-process: steps before the timing (compile)")
+    p.add_argument("--write-model", metavar="SHAPE:DIR", help="write a model folder (see above) and exit")
     p.add_argument("overrides", nargs="*", help="the harness's overrides (after --)")
     args = p.parse_args()
+    if args.write_model:
+        return write_model(args.write_model)
     folder = (args.dir or Path(tempfile.mkdtemp(prefix="cli_throughput-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     process_s = run_cli(args.overrides, folder)

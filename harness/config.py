@@ -99,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
         )
     rows = t.tokens_per_micro_batch
     if rows == "auto":
+        _int("trainer.auto_row_lengths", t.auto_row_lengths)
         rows = t.max_tokens_per_micro_batch
         _int("trainer.max_tokens_per_micro_batch", rows)
         if rows < cfg.data.max_seq_len:

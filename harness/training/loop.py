@@ -158,7 +158,7 @@ def physical_split(cfg, data: PreparedData, steps: list[list[int]],
         return Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch), None
     longest = max(e.seq_len for part in (data.train, data.val, getattr(data, "test", None) or []) for e in part)
     rows = choose_rows(data.train, steps, Split(t.grad_accum, t.world_size), world.size, longest=longest,
-                       most=t.max_tokens_per_micro_batch)
+                       most=t.max_tokens_per_micro_batch, short_rows=t.auto_row_lengths - 1)
     log.info("tokens_per_micro_batch=auto: rows of %s tokens (%.1f%% real tokens over the first steps; %s rows "
              "per step and rank)", ", ".join(map(str, rows.lengths)), 100 * rows.fill,
              "/".join(map(str, rows.rows_per_step)))
@@ -448,8 +448,8 @@ def compile_settings(stable_shapes: bool, shapes: int) -> None:
     second length a dynamic-shape graph for all); room for them and for validation's."""
     import torch._dynamo
     torch._dynamo.reset()
+    torch._dynamo.config.automatic_dynamic_shapes = not stable_shapes  # torch's default for padded batches
     if stable_shapes:
-        torch._dynamo.config.automatic_dynamic_shapes = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 4)
 
 

@@ -132,7 +132,7 @@ def plan_step(examples: list[Example], step: list[int], *, mode: str, loss_scale
 ROW_FILL_TARGET = 0.9  # `auto` rows: at least this share of a step's row tokens are real tokens, where it can
 ROW_GRANULE = 256  # `auto` row lengths are multiples of this (FlexAttention works in blocks of 128)
 ROW_STEPS = 8  # `auto`: a row shorter than the longest is cut to a multiple of 1/ROW_STEPS of it ...
-MAX_SHORT_ROWS = 3  # ... of at most this many lengths (with the longest: at most 4 shapes to compile)
+MAX_SHORT_ROWS = 3  # ... of at most this many lengths (with the longest: at most 4 shapes to compile), by default
 PLANNED_STEPS = 64  # `auto` sizes rows on the first steps of the training order (host time stays ~1 s)
 
 
@@ -161,9 +161,9 @@ def fitting_length(content: int, lengths: tuple[int, ...]) -> int:
     return next(n for n in lengths if n >= content)
 
 
-def _try_rows(lengths: list[list[int]], longest: int, granule: int) -> RowChoice:
+def _try_rows(lengths: list[list[int]], longest: int, granule: int, short_rows: int) -> RowChoice:
     """Rows of `longest` tokens, each cut to the shortest length that holds it out of `longest`
-    and at most MAX_SHORT_ROWS multiples of longest/ROW_STEPS, those that leave the least padding."""
+    and at most `short_rows` multiples of longest/ROW_STEPS, those that leave the least padding."""
     part = -(-longest // ROW_STEPS // granule) * granule
     grid = sorted({k * part for k in range(1, ROW_STEPS)} - set(range(longest, ROW_STEPS * part + 1)))
     contents, rows_per_step = [], set()
@@ -173,7 +173,7 @@ def _try_rows(lengths: list[list[int]], longest: int, granule: int) -> RowChoice
         contents += [sum(ls[i] for i in row) for row in rows]
     real = sum(contents)
     best = None
-    for k in range(min(MAX_SHORT_ROWS, len(grid)) + 1):
+    for k in range(min(short_rows, len(grid)) + 1):
         for shorter in combinations(grid, k):
             allowed = (*shorter, longest)
             run = sum(fitting_length(c, allowed) for c in contents)
@@ -185,10 +185,10 @@ def _try_rows(lengths: list[list[int]], longest: int, granule: int) -> RowChoice
 
 
 def choose_rows(examples: list[Example], steps: list[list[int]], split: Split, world_size: int, *,
-                longest: int, most: int, granule: int = ROW_GRANULE) -> RowChoice:
+                longest: int, most: int, granule: int = ROW_GRANULE, short_rows: int = MAX_SHORT_ROWS) -> RowChoice:
     """`trainer.tokens_per_micro_batch=auto`, from the first PLANNED_STEPS steps' sequences as each
     rank packs them (first fit, in order, as plan_step does): rows of a few lengths, at most
-    1 + MAX_SHORT_ROWS (a compiled model compiles once per length, in the first steps). The
+    1 + `short_rows` (a compiled model compiles once per length, in the first steps). The
     longest row is the longest multiple of `granule` from `longest` (the longest example,
     which must fit a row) to `most` tokens whose rows are at least ROW_FILL_TARGET full on
     average; if none is, the fullest. Longer rows run faster on a GPU (fewer, larger kernels);
@@ -197,7 +197,7 @@ def choose_rows(examples: list[Example], steps: list[list[int]], split: Split, w
     lengths = [ls for step in steps[:PLANNED_STEPS] for ls in rank_lengths(examples, step, split, world_size)]
     low = -(-longest // granule) * granule
     high = max(low, min(most, -(-max(map(sum, lengths)) // granule) * granule))
-    choices = [_try_rows(lengths, n, granule) for n in range(low, high + 1, granule)]
+    choices = [_try_rows(lengths, n, granule, short_rows) for n in range(low, high + 1, granule)]
     full = [c for c in choices if c.fill >= ROW_FILL_TARGET]
     return max(full, key=lambda c: c.tokens) if full else max(choices, key=lambda c: (c.fill, c.tokens))
 

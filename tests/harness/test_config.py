@@ -95,6 +95,7 @@ def test_valid_settings_pass(argv):
     (["trainer.tokens_per_micro_batch=auto", "trainer.max_tokens_per_micro_batch=256"],
      "trainer.max_tokens_per_micro_batch=256 is shorter than data.max_seq_len=512"),
     (["trainer.jobs_per_gpu=0"], "trainer.jobs_per_gpu=0 must be >= 1"),
+    (["trainer.tokens_per_micro_batch=auto", "trainer.auto_row_lengths=0"], "trainer.auto_row_lengths=0 must be >= 1"),
     (["model.liger_kernels=true", "trainer.device=cpu"], "model.liger_kernels=true runs Liger's Triton kernels, which "
                                                         "need a CUDA GPU"),
     (["model.liger_kernels=yes"], "model.liger_kernels='yes' must be true or false"),

@@ -152,3 +152,16 @@ def test_a_sweep_with_auto_rows_gives_both_modes_the_same_rows_and_logs_their_fi
     for key in ("time/setup_s", "time/first_step_s", "time/train_s", "time/eval_s", "time/wall_s"):
         assert (runs[f"metrics.{key}"] >= 0).all(), key
     assert (runs["metrics.time/wall_s"] >= runs["metrics.time/train_s"] + runs["metrics.time/eval_s"]).all()
+
+
+def test_auto_row_lengths_bounds_the_shapes():
+    examples = of_lengths(sharegpt_like_lengths())
+    steps = training_order(len(examples), 32, 64, seed=3)
+    longest = max(e.seq_len for e in examples)
+    one = choose_rows(examples, steps, Split(1), 1, longest=longest, most=32768, short_rows=0)
+    two = choose_rows(examples, steps, Split(1), 1, longest=longest, most=32768, short_rows=1)
+    four = choose_rows(examples, steps, Split(1), 1, longest=longest, most=32768)
+    assert len(one.lengths) == 1 and len(two.lengths) <= 2 and len(four.lengths) <= 4
+    assert four.fill >= ROW_FILL_TARGET
+    # with one length, long rows leave a step's last row mostly empty: the 90% rows are shorter
+    assert one.tokens < four.tokens

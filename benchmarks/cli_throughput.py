@@ -155,6 +155,9 @@ def main() -> None:
               f"{m.get('time/setup_s', float('nan')):>9.1f}{m.get('time/first_step_s', float('nan')):>11.1f}"
               f"{train_s:>9.1f}{m.get('time/eval_s', float('nan')):>8.1f}{m.get('time/wall_s', float('nan')):>8.1f}"
               f"{m.get('time/wall_s', float('nan')) / train_s:>11.2f}")
+    tokens = sum(run.data.metrics.get("train/tokens_seen", 0) for run, _ in runs)
+    print(f"  aggregate: {tokens:,.0f} training tokens over the process's {process_s:.1f} s: "
+          f"{tokens / process_s:,.0f} tokens/s (jobs side by side count together)")
     if args.in_process:
         rate = in_process_rate(args.overrides, args.steps, args.warmup)
         cli = statistics.median(cli_rates)

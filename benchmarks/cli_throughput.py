@@ -1,7 +1,7 @@
 """What `python -m harness` itself delivers: tokens/s and where each job's wall time goes, read
 from the MLflow store the sweep wrote, beside the same steps timed in this process.
 
-    python benchmarks/cli_throughput.py [--in-process] [--dir DIR] -- OVERRIDES...
+    python benchmarks/cli_throughput.py [--in-process] [--dir DIR] OVERRIDES...
 
 OVERRIDES are the harness's own (`+experiment=sharegpt_smollm2 trainer.max_steps=150` ...); the
 sweep runs with `-m` in DIR (default: a new temporary folder) with its own SQLite store, then
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="in-process: steps timed")
     p.add_argument("--warmup", type=int, default=3, help="in-process: steps before the timing (compile)")
     p.add_argument("--write-model", metavar="SHAPE:DIR", help="write a model folder (see above) and exit")
-    p.add_argument("overrides", nargs="*", help="the harness's overrides (after --)")
+    p.add_argument("overrides", nargs="*", help="the harness's overrides (after -- if one starts with -)")
     args = p.parse_args()
     if args.write_model:
         return write_model(args.write_model)

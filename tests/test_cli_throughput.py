@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cli_throughput.py
 def test_cli_throughput_prints_the_cli_beside_the_in_process_figure(tmp_path):
     """About 60 s on 2 busy cores."""
     out = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(tmp_path), "--in-process", "--steps", "3",
-                          "--warmup", "1", "--", "reduce_loss=mean,sum", "trainer.max_steps=4", "trainer.eval_every=2",
+                          "--warmup", "1", "reduce_loss=mean,sum", "trainer.max_steps=4", "trainer.eval_every=2",
                           "data.num_train=64", "data.num_val=8", "trainer.tokens_per_micro_batch=auto"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

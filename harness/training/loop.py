@@ -36,7 +36,7 @@ from harness.training.losses import CausalLMLoss, supports_chunked_loss
 from harness.model.loading import apply_liger_kernels, build_model, choose_attention, load_tokenizer
 from harness.training.prefetch import ahead
 from harness.training.reduction import auto_loss_scale
-from harness.training.step import RowChoice, Split, choose_rows, plan_step, run_step
+from harness.training.step import PLANNED_STEPS, RowChoice, Split, choose_rows, plan_step, run_step
 from harness.data.tokenise import PreparedData, prepare_data
 from harness.runs.tracking import RunLogger, flat_params, run_name, server_gone
 
@@ -134,7 +134,7 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         "world_size": str(world.size),
     }
     t = cfg.trainer
-    split, rows = physical_split(cfg, data, steps, world)
+    split, rows = physical_split(cfg, data, world)
     log.info("training on %s (%s), world size %d", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model = model.to(device).train()
@@ -148,19 +148,21 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity, split, rows)
 
 
-def physical_split(cfg, data: PreparedData, steps: list[list[int]],
-                   world: distributed.World) -> tuple[Split, RowChoice | None]:
-    """The split of conf/trainer; `tokens_per_micro_batch=auto` resolved from the data and its
-    order (harness/training/step.py: choose_rows). The rows do not change the gradient, and they
-    depend only on what the pair shares, so every mode of a pair gets the same ones."""
+def physical_split(cfg, data: PreparedData, world: distributed.World) -> tuple[Split, RowChoice | None]:
+    """The split of conf/trainer; `tokens_per_micro_batch=auto` resolved from the data
+    (harness/training/step.py: choose_rows), planned on the order of seed 0's first steps whatever
+    the run's seed and length: every job of a sweep over modes, seeds or learning rates gets the
+    same rows, so the sweep compiles them once. The rows do not change the gradient; each run's
+    own fill is measured as it trains (train/row_fill)."""
     t = cfg.trainer
     if t.tokens_per_micro_batch != "auto":
         return Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch), None
     longest = max(e.seq_len for part in (data.train, data.val, getattr(data, "test", None) or []) for e in part)
-    rows = choose_rows(data.train, steps, Split(t.grad_accum, t.world_size), world.size, longest=longest,
+    planned = training_order(len(data.train), t.batch_size, PLANNED_STEPS, seed=0)
+    rows = choose_rows(data.train, planned, Split(t.grad_accum, t.world_size), world.size, longest=longest,
                        most=t.max_tokens_per_micro_batch, short_rows=t.auto_row_lengths - 1)
-    log.info("tokens_per_micro_batch=auto: rows of %s tokens (%.1f%% real tokens over the first steps; %s rows "
-             "per step and rank)", ", ".join(map(str, rows.lengths)), 100 * rows.fill,
+    log.info("tokens_per_micro_batch=auto: rows of %s tokens (%.1f%% real tokens over the planned steps; %s "
+             "rows per step and rank)", ", ".join(map(str, rows.lengths)), 100 * rows.fill,
              "/".join(map(str, rows.rows_per_step)))
     return Split(t.grad_accum, t.world_size, rows.tokens, rows.lengths[:-1]), rows
 

@@ -133,7 +133,7 @@ ROW_FILL_TARGET = 0.9  # `auto` rows: at least this share of a step's row tokens
 ROW_GRANULE = 256  # `auto` row lengths are multiples of this (FlexAttention works in blocks of 128)
 ROW_STEPS = 8  # `auto`: a row shorter than the longest is cut to a multiple of 1/ROW_STEPS of it ...
 MAX_SHORT_ROWS = 3  # ... of at most this many lengths (with the longest: at most 4 shapes to compile), by default
-PLANNED_STEPS = 64  # `auto` sizes rows on the first steps of the training order (host time stays ~1 s)
+PLANNED_STEPS = 64  # `auto` sizes rows on this many steps of a training order (host time stays ~1 s)
 
 
 @dataclass(frozen=True)

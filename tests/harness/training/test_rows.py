@@ -165,3 +165,23 @@ def test_auto_row_lengths_bounds_the_shapes():
     assert four.fill >= ROW_FILL_TARGET
     # with one length, long rows leave a step's last row mostly empty: the 90% rows are shorter
     assert one.tokens < four.tokens
+
+
+def test_every_job_of_a_sweep_over_seeds_and_lengths_gets_the_same_rows():
+    """Rows are planned on seed 0's order, whatever the run's seed and max_steps: a sweep over seeds,
+    modes or learning rates compiles them once."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from harness.training.loop import physical_split
+    data = SimpleNamespace(train=of_lengths(sharegpt_like_lengths()), val=of_lengths([900, 2048]))
+    splits = set()
+    for seed, steps, mode in [(0, 24, "mean"), (1, 24, "sum"), (2, 150, "mean")]:
+        cfg = OmegaConf.create({"seed": seed, "reduce_loss": mode, "trainer": {
+            "batch_size": 32, "grad_accum": 32, "world_size": None, "max_steps": steps,
+            "tokens_per_micro_batch": "auto", "max_tokens_per_micro_batch": 32768, "auto_row_lengths": 4}})
+        split, rows = physical_split(cfg, data, World())
+        assert rows.tokens >= 2048 and split.row_lengths == rows.lengths
+        splits.add(split)
+    assert len(splits) == 1

@@ -13,6 +13,8 @@ order for the same steps with
                they are (padded), plain loss over full float32 logits, no compile; then the
                same micro-batches with the chunked loss (peak memory)
   trainer-pad  HF Trainer, DataCollatorForSeq2Seq padding, bf16, fused AdamW
+  trainer-liger the same with use_liger_kernel=True (Liger's RMSNorm, SwiGLU, RoPE and fused
+               linear cross-entropy; pip install liger-kernel==0.8.5, else the row is skipped)
   trainer-flat HF Trainer, DataCollatorWithFlattening (padding-free) with FlexAttention
 Real tokens/s counts non-padding tokens. MFU = 6 * (non-embedding parameters + vocabulary *
 hidden) * tokens/s / 989e12 (dense bf16 peak of an H100/H200 SXM).
@@ -27,6 +29,7 @@ run --model smollm135m --regime 10 minutes. Processes after it reuse inductor's 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import statistics
 import time
@@ -153,7 +156,7 @@ def profile_steps(model, examples, step_ids, split: Split, chunk, layout: dict, 
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
-def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tuple[float, float]:
+def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool, liger: bool = False) -> tuple[float, float]:
     from torch.utils.data import SequentialSampler
     from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                               TrainingArguments)
@@ -193,7 +196,7 @@ def trainer_rate(model_fn, examples, steps, batch, accum, flatten: bool) -> tupl
                              gradient_accumulation_steps=accum, max_steps=len(steps), bf16=True,
                              optim="adamw_torch_fused", learning_rate=1e-5, logging_steps=10_000, save_strategy="no",
                              report_to=[], dataloader_num_workers=2, remove_unused_columns=False,
-                             max_grad_norm=1.0, disable_tqdm=True)
+                             max_grad_norm=1.0, disable_tqdm=True, use_liger_kernel=liger)
     torch.cuda.reset_peak_memory_stats()
     InOrder(model=model.cuda(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock]).train()
     return tokens_after_warm / (clock.toc - clock.tic), torch.cuda.max_memory_allocated() / 2**30
@@ -210,7 +213,8 @@ def main() -> None:
                         "side (the embedded data's 128-sequence steps fill one 20,480-token row to 89%%, two 10,240-token rows to 90%%)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per mode per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--skip", default="", help="comma-separated: harness,plain,trainer-pad,trainer-flat,literal (the regime's literal run)")
+    p.add_argument("--skip", default="", help="comma-separated: harness,plain,trainer-pad,trainer-liger,trainer-flat,"
+                                              "literal (the regime's literal run)")
     p.add_argument("--regime", action="store_true", help="also: 1 sequence per micro-batch, literal vs physical")
     p.add_argument("--no-compile", action="store_true", help="the harness's fast settings without torch.compile")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels that take the harness's time")
@@ -255,16 +259,23 @@ def main() -> None:
             print(f"    {mode:<10} vs mean: {paired(rates, mode, 'mean')}")
 
     n_trainer = 3 + 2 * args.steps
-    for name, flatten in (("trainer-pad", False), ("trainer-flat", True)):
+    def trainer_row(name: str, flatten: bool, liger: bool = False) -> None:
         if name in skip:
-            continue
+            return
+        if liger and importlib.util.find_spec("liger_kernel") is None:
+            print(f"  {name}: skipped: liger-kernel is not installed (pip install liger-kernel==0.8.5)")
+            return
         try:
             rate, memory = trainer_rate(MODELS[args.model], examples, steps[:n_trainer], args.batch_size,
-                                        args.grad_accum, flatten)
-            report(f"HF Trainer ({'DataCollatorWithFlattening + FlexAttention' if flatten else 'padded'})", rate,
-                   memory, f"harness is {mean_rate / rate:.2f}x" if mean_rate else "")
+                                        args.grad_accum, flatten, liger)
+            what = "DataCollatorWithFlattening + FlexAttention" if flatten else "padded, use_liger_kernel=True" \
+                if liger else "padded"
+            report(f"HF Trainer ({what})", rate, memory, f"harness is {mean_rate / rate:.2f}x" if mean_rate else "")
         except Exception as e:  # report and go on: the other figures still stand
             print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+
+    trainer_row("trainer-pad", False)
+    trainer_row("trainer-flat", True)
 
     for length in (max(n, max_len) for n in row_lengths[1:]):
         rows = dict(pad_id=0, packing=True, row_length=length)
@@ -318,6 +329,10 @@ def main() -> None:
             lit = statistics.median(literal["mean"])
             print(f"  the 64 micro-batches run literally (eager, one sequence each): {lit:,.0f} tokens/s "
                   f"({lit / statistics.median(rates['mean 64x64']):.3f} of packed)", flush=True)
+
+    # Last: Liger patches transformers' modules (RoPE for the whole model class), which would change
+    # every row after it.
+    trainer_row("trainer-liger", False, liger=True)
 
     print("\nsummary")
     for name, rate, mfu, memory, note in results:

@@ -44,7 +44,8 @@ def app(cfg: DictConfig):
             raise ranks_need_a_launcher_without_submitit(ranks, "submitit")
         if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
             # jobs running side by side get GPUs of their own
-            gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks)
+            gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks,
+                                      jobs_per_gpu=cfg.trainer.jobs_per_gpu)
             log.info("job %s runs on %s", hc.job.num, ", ".join(f"cuda:{i}" for i in gpus))
         parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
         if ranks > 1:

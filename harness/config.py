@@ -97,13 +97,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"grad_accum*world_size={chunks} micro-batches cannot be shared evenly by the {running} ranks running"
         )
-    if t.tokens_per_micro_batch is not None:
-        _int("trainer.tokens_per_micro_batch", t.tokens_per_micro_batch)
-        if t.tokens_per_micro_batch < cfg.data.max_seq_len:
+    rows = t.tokens_per_micro_batch
+    if rows == "auto":
+        _int("trainer.auto_row_lengths", t.auto_row_lengths)
+        rows = t.max_tokens_per_micro_batch
+        _int("trainer.max_tokens_per_micro_batch", rows)
+        if rows < cfg.data.max_seq_len:
             raise ConfigError(
-                f"trainer.tokens_per_micro_batch={t.tokens_per_micro_batch} is shorter than "
+                f"trainer.max_tokens_per_micro_batch={rows} is shorter than data.max_seq_len={cfg.data.max_seq_len}; "
+                "trainer.tokens_per_micro_batch=auto needs rows that hold the longest example"
+            )
+    elif rows is not None:
+        _int("trainer.tokens_per_micro_batch", rows)
+        if rows < cfg.data.max_seq_len:
+            raise ConfigError(
+                f"trainer.tokens_per_micro_batch={rows} is shorter than "
                 f"data.max_seq_len={cfg.data.max_seq_len}; a micro-batch must hold the longest example"
             )
+    _int("trainer.jobs_per_gpu", t.jobs_per_gpu)
+    if t.compile_cache_dir is not None and (not isinstance(t.compile_cache_dir, str) or not t.compile_cache_dir):
+        raise ConfigError(f"trainer.compile_cache_dir={t.compile_cache_dir!r} must be a folder or null")
 
     d = cfg.data
     _int("data.max_seq_len", d.max_seq_len)
@@ -130,11 +143,24 @@ def validate(cfg: DictConfig) -> None:
 
     m = cfg.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
+    if m.get("liger_kernels", False) is not False:
+        _liger(m.liger_kernels, t.device)
     if m.kind in ("hf", "smollm2"):
         _choice("model.init", m.init, ("pretrained", "random"))
     if m.kind == "hf":
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")
+
+
+def _liger(setting, device: str) -> None:
+    import importlib.util
+    if setting is not True:
+        raise ConfigError(f"model.liger_kernels={setting!r} must be true or false")
+    if device == "cpu" or not cuda_count():
+        raise ConfigError("model.liger_kernels=true runs Liger's Triton kernels, which need a CUDA GPU; "
+                          "set model.liger_kernels=false here")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("model.liger_kernels=true needs liger-kernel: pip install liger-kernel==0.8.5")
 
 
 def _sqlite_folder(uri: str) -> None:
@@ -176,9 +202,10 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def gpu_jobs(ranks_per_job=1) -> int:
-    """Jobs that fit side by side on the visible GPUs, at least 1 (conf/hydra/launcher/gpus.yaml)."""
-    return max(1, cuda_count() // max(1, int(ranks_per_job)))
+def gpu_jobs(ranks_per_job=1, jobs_per_gpu=1) -> int:
+    """Jobs that run side by side on the visible GPUs, at least 1 (conf/hydra/launcher/gpus.yaml):
+    one per `ranks_per_job` GPUs, times `jobs_per_gpu` jobs sharing each."""
+    return max(1, cuda_count() // max(1, int(ranks_per_job))) * max(1, int(jobs_per_gpu))
 
 
 OmegaConf.register_new_resolver("gpu_jobs", gpu_jobs, replace=True)

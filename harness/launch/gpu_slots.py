@@ -2,8 +2,8 @@
 
 A job claims the first free GPUs (one, or `trainer.ranks_per_job`) with a file lock each under
 the sweep folder and holds them until it ends, so it works whatever order the launcher starts
-jobs in. Locks are kept apart per host and
-per CUDA_VISIBLE_DEVICES, so jobs on other nodes, or with their own allocation from a scheduler,
+jobs in. With `trainer.jobs_per_gpu=N` each GPU has N such slots: N jobs share it. Locks are kept
+apart per host and per CUDA_VISIBLE_DEVICES, so jobs on other nodes, or with their own allocation from a scheduler,
 never wait for each other."""
 
 from __future__ import annotations
@@ -26,9 +26,17 @@ def slots_folder(sweep_dir: Path) -> Path:
     return Path(sweep_dir) / ".gpu_slots" / hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
-def claim_gpus(sweep_dir: Path, count: int = 1, poll_s: float = 1.0) -> tuple[list[int], list[FileLock]]:
-    """(device indices, their held locks): `count` GPUs at once; waits while fewer are free.
-    A job never holds some GPUs while it waits for more, so jobs cannot block each other."""
+def slot_lock(folder: Path, index: int, slot: int) -> FileLock:
+    """The lock of slot `slot` of GPU `index` (slot 0 keeps the name of one job per GPU)."""
+    return FileLock(folder / (f"{index}.lock" if slot == 0 else f"{index}.{slot}.lock"))
+
+
+def claim_gpus(sweep_dir: Path, count: int = 1, poll_s: float = 1.0,
+               jobs_per_gpu: int = 1) -> tuple[list[int], list[FileLock]]:
+    """(device indices, their held locks): `count` different GPUs at once, each with one of its
+    `jobs_per_gpu` slots free; waits while fewer are free. Slots are taken GPU by GPU, first
+    slots first, so jobs spread over the GPUs before they share one. A job never holds some
+    GPUs while it waits for more, so jobs cannot block each other."""
     if count > torch.cuda.device_count():  # waiting could never end
         raise RuntimeError(f"trainer.ranks_per_job={count} needs {count} GPUs; this job sees "
                            f"{torch.cuda.device_count()} (a scheduler's job may need more GPUs per node)")
@@ -36,20 +44,23 @@ def claim_gpus(sweep_dir: Path, count: int = 1, poll_s: float = 1.0) -> tuple[li
     folder.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
-        held: list[tuple[int, FileLock]] = []
-        for index in range(torch.cuda.device_count()):
-            lock = FileLock(folder / f"{index}.lock")
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            held.append((index, lock))
-            if len(held) == count:
-                return [i for i, _ in held], [lock for _, lock in held]
-        for _, lock in held:
+        held: dict[int, FileLock] = {}
+        for slot in range(jobs_per_gpu):
+            for index in range(torch.cuda.device_count()):
+                if index in held:
+                    continue
+                lock = slot_lock(folder, index, slot)
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue
+                held[index] = lock
+                if len(held) == count:
+                    return list(held), list(held.values())
+        for lock in held.values():
             lock.release()
         if not waited:
-            log.info("fewer than %d GPUs are free (other jobs of this sweep hold them); waiting", count)
+            log.info("fewer than %d GPUs have a free slot (other jobs of this sweep hold them); waiting", count)
             waited = True
         time.sleep(poll_s)
 

@@ -121,3 +121,23 @@ def choose_attention(model, setting: str, device: torch.device, packed: bool) ->
     need a dense [L, L] mask there), sdpa otherwise (FlexAttention has no CPU backward)."""
     if setting == "auto" and device.type == "cuda" and packed:
         model.set_attn_implementation("flex_attention")
+
+
+LIGER_KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def apply_liger_kernels(model) -> None:
+    """`model.liger_kernels=true`: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE in this
+    model (CUDA only, checked in harness/config.py). The loss stays the harness's own (chunked,
+    weighted per token), so Liger's cross-entropy kernels are not used."""
+    import inspect
+
+    import liger_kernel.transformers as liger
+    apply = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}", None)
+    if apply is None:
+        raise ModelError(f"model.liger_kernels=true: liger-kernel has no kernels for model type "
+                         f"{model.config.model_type!r}; set model.liger_kernels=false")
+    accepted = inspect.signature(apply).parameters
+    apply(model=model, **{k: v for k, v in LIGER_KERNELS.items() if k in accepted})
+    log.info("Liger kernels applied to the %s model: %s", model.config.model_type,
+             ", ".join(k for k, v in LIGER_KERNELS.items() if v and k in accepted))

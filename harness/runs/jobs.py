@@ -26,6 +26,8 @@ from harness.runs.tracking import runs_tagged
 
 log = logging.getLogger(__name__)
 CHECKPOINT_SETTINGS = ("checkpoint_every", "keep_checkpoints", "checkpoint_dir")  # not part of the key
+# Nor where a job runs and where its compiled graphs are cached: neither changes what it trains.
+PLACEMENT_SETTINGS = ("jobs_per_gpu", "compile_cache_dir")
 LOCK_FILE = "job.lock"
 
 
@@ -64,7 +66,7 @@ def end_orphans(tracking_cfg, tag: str, lock_of: Callable[[str], Path], own_key:
 
 def job_key(cfg, identity: dict[str, str], world_size: int, parent_run_id: str | None) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
-    for name in CHECKPOINT_SETTINGS:
+    for name in CHECKPOINT_SETTINGS + PLACEMENT_SETTINGS:
         container["trainer"].pop(name, None)
     return config_fingerprint({"config": container, "init": identity[artifacts.TAG_INIT],
                                "data": identity[artifacts.TAG_DATA], "world_size": world_size,

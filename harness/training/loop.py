@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,16 @@ from harness.runs.checkpoint import LoopState
 from harness.config import pair_key, row_length, validate
 from harness.runs.credentials import redact
 from harness.data.data_order import training_order
+from harness.training.compile_cache import cache_counters, start_counting, use_compile_cache
 from harness.training.evaluate import evaluate_and_log
 from harness.runs.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
 from harness.training.guard import StepGuard
 from harness.runs.jobs import claim_job
 from harness.training.losses import CausalLMLoss, supports_chunked_loss
-from harness.model.loading import build_model, choose_attention, load_tokenizer
+from harness.model.loading import apply_liger_kernels, build_model, choose_attention, load_tokenizer
 from harness.training.prefetch import ahead
 from harness.training.reduction import auto_loss_scale
-from harness.training.step import Split, plan_step, run_step
+from harness.training.step import PLANNED_STEPS, RowChoice, Split, choose_rows, plan_step, run_step
 from harness.data.tokenise import PreparedData, prepare_data
 from harness.runs.tracking import RunLogger, flat_params, run_name, server_gone
 
@@ -101,6 +103,8 @@ class Setup:
     pad_id: int
     loss_scale: float  # `sum`'s token weight, `auto` resolved
     identity: dict[str, str]  # run tags that prove a pair (harness/artifacts.py)
+    split: Split  # semantic split and physical rows, `tokens_per_micro_batch=auto` resolved
+    rows: RowChoice | None = None  # what `auto` chose
 
 
 def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
@@ -130,13 +134,37 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         "world_size": str(world.size),
     }
     t = cfg.trainer
+    split, rows = physical_split(cfg, data, world)
     log.info("training on %s (%s), world size %d", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", world.size)
     model = model.to(device).train()
+    if cfg.model.get("liger_kernels", False):
+        apply_liger_kernels(model)
     choose_attention(model, cfg.model.attn_implementation, device, cfg.data.packing or t.tokens_per_micro_batch)
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
-    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device, stable_shapes=t.tokens_per_micro_batch is not None)
-    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity)
+    step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device,
+                      stable_shapes=split.tokens_per_micro_batch is not None,
+                      shapes=len(split.row_lengths) if split.tokens_per_micro_batch else 1, cache_dir=t.compile_cache_dir)
+    return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity, split, rows)
+
+
+def physical_split(cfg, data: PreparedData, world: distributed.World) -> tuple[Split, RowChoice | None]:
+    """The split of conf/trainer; `tokens_per_micro_batch=auto` resolved from the data
+    (harness/training/step.py: choose_rows), planned on the order of seed 0's first steps whatever
+    the run's seed and length: every job of a sweep over modes, seeds or learning rates gets the
+    same rows, so the sweep compiles them once. The rows do not change the gradient; each run's
+    own fill is measured as it trains (train/row_fill)."""
+    t = cfg.trainer
+    if t.tokens_per_micro_batch != "auto":
+        return Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch), None
+    longest = max(e.seq_len for part in (data.train, data.val, getattr(data, "test", None) or []) for e in part)
+    planned = training_order(len(data.train), t.batch_size, PLANNED_STEPS, seed=0)
+    rows = choose_rows(data.train, planned, Split(t.grad_accum, t.world_size), world.size, longest=longest,
+                       most=t.max_tokens_per_micro_batch, short_rows=t.auto_row_lengths - 1)
+    log.info("tokens_per_micro_batch=auto: rows of %s tokens (%.1f%% real tokens over the planned steps; %s "
+             "rows per step and rank)", ", ".join(map(str, rows.lengths)), 100 * rows.fill,
+             "/".join(map(str, rows.rows_per_step)))
+    return Split(t.grad_accum, t.world_size, rows.tokens, rows.lengths[:-1]), rows
 
 
 def job_overrides() -> list[str]:
@@ -148,6 +176,7 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
     """Train one run as `cfg` says; write per-example results under `out_dir` and to MLflow.
     `overrides`: the job's command-line overrides (for the run name), where Hydra cannot say."""
     t = cfg.trainer
+    clock = JobClock()
     world, device = start(cfg)
     run = set_up(cfg, world, device)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -171,11 +200,13 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
             done = tally.restore(job.checkpoints.load(job.resume_from, run.model, optimizer, scheduler, device))
         start_run(cfg, run, job, tracker, out_dir, world, parent_run_id, overrides, done)
         meter, val_metrics = Throughput(), {}
+        clock.training_starts(device)
         progress = tqdm(initial=done, total=t.max_steps, desc=f"{cfg.reduce_loss} seed {cfg.seed}",
                         disable=not world.is_main, dynamic_ncols=True)
         with signals.deferred(), progress:  # a stop signal ends the step and saves a checkpoint first
             for step, step_plan in ahead(plan, range(done + 1, t.max_steps + 1), background=device.type == "cuda"):
                 record = run_step(run.step_model, optimizer, scheduler, step_plan, **step_args)
+                clock.stepped(device)
                 progress.update()
                 tally.add(step, record)
                 meter.add(record.tokens)
@@ -188,13 +219,18 @@ def train(cfg, out_dir: Path, parent_run_id: str | None = None, overrides: list[
                 if logs:
                     log_step(record, scheduler, meter, step, tracker, progress)
                 if evaluates:
-                    val_metrics = evaluate(step, tracker)
+                    with clock.aside("eval", device):
+                        val_metrics = evaluate(step, tracker)
                     meter.restart()  # evaluation time is not training throughput
                 if saves:
-                    job.checkpoints.save(tally.state(step), run.model, optimizer, scheduler, tracker.run_id)
+                    with clock.aside("checkpoint", device):
+                        job.checkpoints.save(tally.state(step), run.model, optimizer, scheduler, tracker.run_id)
                 if stop:
                     raise signals.Interrupted(stop, f" after step {step} (checkpoint saved)")
+        clock.training_ends(device)
         tally.log(run.data.train, out_dir, tracker, world)
+        compiled = getattr(run.step_model, "module", run.step_model).compiled
+        tracker.metrics(clock.metrics() | (cache_counters() if compiled else {}), step=t.max_steps)
         log_final(cfg, val_metrics)
         tracker.end()
         job.checkpoints.remove_all()  # they only serve to resume; a finished run needs none
@@ -223,11 +259,10 @@ def step_planner(cfg, run: Setup, world: distributed.World, device: torch.device
     """step -> its micro-batches and token weights (harness/training/step.py), pinned on CUDA."""
     t = cfg.trainer
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
-    split = Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch)
 
     def plan(step: int):
         made = plan_step(run.data.train, run.steps[step - 1], mode=cfg.reduce_loss, loss_scale=run.loss_scale,
-                         split=split, world=world, layout=layout)
+                         split=run.split, world=world, layout=layout)
         return made.pin() if device.type == "cuda" else made
     return plan
 
@@ -240,7 +275,7 @@ def evaluator(cfg, run: Setup, world: distributed.World, device: torch.device, o
     def evaluate(step: int, tracker: RunLogger) -> dict[str, float]:
         return evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker,
                                 batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
-                                chunk_tokens=run.chunk_tokens, tokens_per_row=t.tokens_per_micro_batch)
+                                chunk_tokens=run.chunk_tokens, tokens_per_row=run.split.tokens_per_micro_batch)
     return evaluate
 
 
@@ -254,6 +289,9 @@ def start_run(cfg, run: Setup, job, tracker: RunLogger, out_dir: Path, world: di
                   parent_run_id, resume_id=job.run_id, resume_step=done)
     log_config(cfg, run.data, out_dir, tracker, world)
     tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
+    if run.split.tokens_per_micro_batch is not None:
+        tracker.metrics({"train/row_tokens": run.split.tokens_per_micro_batch,
+                         "train/row_lengths": len(run.split.row_lengths)}, step=0)
 
 
 def log_final(cfg, val_metrics: dict[str, float]) -> None:
@@ -275,6 +313,7 @@ class Tally:
         self.clipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self.guard = StepGuard(max_steps, device)
         self.tokens = 0  # over all ranks
+        self.real_tokens = self.row_tokens = 0  # this rank's, padding excluded and included
 
     def add(self, step: int, record) -> None:
         self.guard.update(step, record)
@@ -283,9 +322,12 @@ class Tally:
         self.grad_norms[step - 1] = record.grad_norm
         self.clipped_steps += record.clipped
         self.tokens += record.tokens
+        self.real_tokens += record.real_tokens
+        self.row_tokens += record.row_tokens
 
     def state(self, step: int) -> LoopState:
-        kept = self.guard.state_dict() | {"grad_norms": self.grad_norms, "clipped_steps": self.clipped_steps}
+        kept = self.guard.state_dict() | {"grad_norms": self.grad_norms, "clipped_steps": self.clipped_steps,
+                                          "rows": torch.tensor([self.real_tokens, self.row_tokens])}
         return LoopState(step, self.grad_weight, self.times_seen, self.tokens, kept)
 
     def restore(self, saved: LoopState) -> int:
@@ -293,15 +335,61 @@ class Tally:
         self.grad_weight, self.times_seen, self.tokens = saved.grad_weight, saved.times_seen, saved.tokens_seen
         self.guard.load_state_dict(saved.guard)
         self.grad_norms, self.clipped_steps = saved.guard["grad_norms"], saved.guard["clipped_steps"]
+        if "rows" in saved.guard:  # absent from checkpoints of older versions: the fill counts from here
+            self.real_tokens, self.row_tokens = map(int, saved.guard["rows"].tolist())
         return saved.step
 
     def log(self, examples: list[Example], out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
         """End of run: gradient weights per example, clipping, tokens, flags."""
         log_grad_weights(examples, self.grad_weight, self.times_seen, out_dir, tracker, world)
+        real, rows = distributed.all_reduce_sum([self.real_tokens, self.row_tokens], self.grad_weight.device)
         tracker.metrics({artifacts.CLIPPED_FRACTION_METRIC: float(self.clipped_steps) / self.max_steps,
+                         "train/row_fill_mean": real / rows if rows else float("nan"),
                          artifacts.GRAD_NORM_MEDIAN_METRIC: float(self.grad_norms.quantile(0.5)),
                          "train/tokens_seen": self.tokens}, step=self.max_steps)
         flag_run(self.guard.flags(), tracker)
+
+
+class JobClock:
+    """Where a job's wall time goes (metrics `time/*`, logged at the end): set-up before the
+    first step (config checks, data, model, MLflow), the first step (a compile, if any), the
+    other steps, evaluation and checkpoints. On CUDA the device is synchronised at each boundary
+    (a few times per run), so queued GPU work counts where it ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.spent = {"eval": 0.0, "checkpoint": 0.0}
+        self.train_start = self.first_step = self.train_end = None
+
+    @staticmethod
+    def _now(device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def training_starts(self, device: torch.device) -> None:
+        self.train_start = self._now(device)
+
+    def stepped(self, device: torch.device) -> None:
+        if self.first_step is None:
+            self.first_step = self._now(device) - self.train_start
+
+    def training_ends(self, device: torch.device) -> None:
+        self.train_end = self._now(device)
+
+    @contextmanager
+    def aside(self, what: str, device: torch.device):
+        tic = self._now(device)
+        yield
+        self.spent[what] += self._now(device) - tic
+
+    def metrics(self) -> dict[str, float]:
+        loop = self.train_end - self.train_start
+        setup = self.train_start - self.start
+        return {"time/setup_s": setup, "time/first_step_s": self.first_step or 0.0,
+                "time/to_first_step_s": setup + (self.first_step or 0.0),
+                "time/train_s": loop - sum(self.spent.values()), "time/eval_s": self.spent["eval"],
+                "time/checkpoint_s": self.spent["checkpoint"], "time/wall_s": time.perf_counter() - self.start}
 
 
 class Throughput:
@@ -340,16 +428,31 @@ def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
 
 
 def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device,
-         stable_shapes: bool = True):
-    """torch.compile the model (`auto`: on CUDA, when every micro-batch has the same shape), then
-    DDP across ranks."""
+         stable_shapes: bool = True, shapes: int = 1, cache_dir: str | None = None):
+    """torch.compile the model (`auto`: on CUDA, when micro-batches come in a few fixed shapes,
+    `shapes` of them), then DDP across ranks."""
     # Padded micro-batches change shape from step to step, and each new shape recompiles: on an
     # H200 the default sweep's first 57 steps took 59 s compiled, a whole 120-step run 5 to 27 s eager.
     if compile_setting is True or (compile_setting == "auto" and device.type == "cuda" and stable_shapes):
+        compile_settings(stable_shapes, shapes)
+        use_compile_cache(cache_dir)
+        start_counting()
         loss_model.compile_model()
     if world.size > 1:
         return DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
     return loss_model
+
+
+def compile_settings(stable_shapes: bool, shapes: int) -> None:
+    """Fresh Dynamo state for this job (jobs of a sweep may share a process: the basic launcher),
+    so its graphs are this model's; Inductor's caches on disk (harness/training/compile_cache.py)
+    are kept. With a few fixed row lengths each gets a static graph (the default would make the
+    second length a dynamic-shape graph for all); room for them and for validation's."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.config.automatic_dynamic_shapes = not stable_shapes  # torch's default for padded batches
+    if stable_shapes:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 4)
 
 
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:
@@ -375,6 +478,7 @@ def log_step(record, scheduler, meter: Throughput, step: int, tracker: RunLogger
         "train/lr": scheduler.get_last_lr()[0],
         "train/target_tokens": record.target_tokens,
         "train/tokens_per_s": tokens_per_s,
+        "train/row_fill": record.real_tokens / record.row_tokens,  # this rank's real tokens / tokens run
     }, step=step)
     progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{meter.smoothed:,.0f}", refresh=False)
 

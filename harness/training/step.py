@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import combinations
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -30,12 +31,20 @@ class Split:
     Semantic (defines the mode's weights): `grad_accum` micro-batches per rank on
     `world_size` ranks (None: the real number of ranks), equal numbers of sequences each.
     Physical (what runs): with `tokens_per_micro_batch`, this rank's sequences are packed into
-    rows of exactly that many tokens, one row per micro-batch; otherwise the semantic
-    micro-batches run as they are, padded or packed as `layout` says."""
+    rows of exactly that many tokens (or of the shortest of `shorter_rows` that holds them),
+    one row per micro-batch; otherwise the semantic micro-batches run as they are, padded or
+    packed as `layout` says."""
 
     grad_accum: int
     world_size: int | None = None
     tokens_per_micro_batch: int | None = None
+    # With tokens_per_micro_batch: the shorter row lengths a row may be cut to, when its
+    # sequences fit (fewer padding tokens; each length is one more shape to compile).
+    shorter_rows: tuple[int, ...] = ()
+
+    @property
+    def row_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.shorter_rows) | {self.tokens_per_micro_batch}))
 
     def semantic_world(self, world: distributed.World) -> int:
         return self.world_size or world.size
@@ -52,6 +61,8 @@ class StepPlan:
     example_weight: torch.Tensor  # the gradient weight each carries (its token weights, summed; float64)
     target_tokens: int  # N over the whole step
     tokens: int  # all tokens of the step, padding excluded, over all ranks
+    row_tokens: int = 0  # this rank's micro-batch tokens as run, padding included
+    real_tokens: int = 0  # this rank's tokens, padding excluded
 
     def pin(self) -> "StepPlan":
         """Page-locked copies, so copies to the GPU run without blocking the host."""
@@ -73,6 +84,8 @@ class StepRecord:
     example_index: torch.Tensor  # this rank's sequences, as indices into the training set
     example_weight: torch.Tensor  # the gradient weight each carried (its token weights, summed; float64)
     tokens: int  # all tokens of the step, padding excluded, over all ranks
+    row_tokens: int = 0  # this rank's micro-batch tokens as run, padding included
+    real_tokens: int = 0  # this rank's tokens, padding excluded
 
 
 def plan_step(examples: list[Example], step: list[int], *, mode: str, loss_scale: float, split: Split,
@@ -97,9 +110,12 @@ def plan_step(examples: list[Example], step: list[int], *, mode: str, loss_scale
         flat = [p for chunk in mine for p in chunk]
         rows = pack_into_rows([examples[step[p]].seq_len for p in flat], split.tokens_per_micro_batch)
         positions = [[flat[k] for k in row] for row in rows]
-        batches = [collate([examples[step[p]] for p in row], layout["pad_id"], packing=True,
-                           row_length=split.tokens_per_micro_batch, fixed_length=True) for row in positions]
+        lengths = split.row_lengths
+        batches = [collate([examples[step[p]] for p in row], layout["pad_id"], packing=True, fixed_length=True,
+                           row_length=fitting_length(sum(examples[step[p]].seq_len for p in row), lengths))
+                   for row in positions]
     mine_flat = torch.tensor([p for chunk in positions for p in chunk])
+    real = sum(examples[step[p]].seq_len for chunk in positions for p in chunk)
     return StepPlan(
         batches=batches,
         token_weights=[token_weights(weights[torch.tensor(chunk)], b.seq_index, b.target_mask)
@@ -108,7 +124,82 @@ def plan_step(examples: list[Example], step: list[int], *, mode: str, loss_scale
         example_weight=weights[mine_flat] * n[mine_flat],
         target_tokens=int(n.sum()),
         tokens=sum(examples[i].seq_len for i in step),
+        row_tokens=sum(b.input_ids.numel() for b in batches),
+        real_tokens=real,
     )
+
+
+ROW_FILL_TARGET = 0.9  # `auto` rows: at least this share of a step's row tokens are real tokens, where it can
+ROW_GRANULE = 256  # `auto` row lengths are multiples of this (FlexAttention works in blocks of 128)
+ROW_STEPS = 8  # `auto`: a row shorter than the longest is cut to a multiple of 1/ROW_STEPS of it ...
+MAX_SHORT_ROWS = 3  # ... of at most this many lengths (with the longest: at most 4 shapes to compile), by default
+PLANNED_STEPS = 64  # `auto` sizes rows on this many steps of a training order (host time stays ~1 s)
+
+
+@dataclass(frozen=True)
+class RowChoice:
+    lengths: tuple[int, ...]  # the row lengths a step may use, ascending; the last is the longest
+    fill: float  # real tokens / row tokens over the planned steps and ranks
+    rows_per_step: tuple[int, ...]  # the distinct numbers of rows a rank runs per step
+
+    @property
+    def tokens(self) -> int:
+        return self.lengths[-1]
+
+
+def rank_lengths(examples: list[Example], step: list[int], split: Split, world_size: int) -> list[list[int]]:
+    """The sequence lengths each of `world_size` ranks packs for `step`, in plan_step's order."""
+    chunks = split.grad_accum * (split.world_size or world_size)
+    semantic = split_step(list(range(len(step))), 1, chunks, 0)
+    per_rank = chunks // world_size
+    return [[examples[step[p]].seq_len for chunk in semantic[r * per_rank : (r + 1) * per_rank] for p in chunk]
+            for r in range(world_size)]
+
+
+def fitting_length(content: int, lengths: tuple[int, ...]) -> int:
+    """The shortest of the row lengths (ascending) that holds `content` tokens."""
+    return next(n for n in lengths if n >= content)
+
+
+def _try_rows(lengths: list[list[int]], longest: int, granule: int, short_rows: int) -> RowChoice:
+    """Rows of `longest` tokens, each cut to the shortest length that holds it out of `longest`
+    and at most `short_rows` multiples of longest/ROW_STEPS, those that leave the least padding."""
+    part = -(-longest // ROW_STEPS // granule) * granule
+    grid = sorted({k * part for k in range(1, ROW_STEPS)} - set(range(longest, ROW_STEPS * part + 1)))
+    contents, rows_per_step = [], set()
+    for ls in lengths:
+        rows = pack_into_rows(ls, longest)
+        rows_per_step.add(len(rows))
+        contents += [sum(ls[i] for i in row) for row in rows]
+    real = sum(contents)
+    best = None
+    for k in range(min(short_rows, len(grid)) + 1):
+        for shorter in combinations(grid, k):
+            allowed = (*shorter, longest)
+            run = sum(fitting_length(c, allowed) for c in contents)
+            if best is None or run < best[0]:
+                best = (run, allowed)
+    run, allowed = best
+    used = tuple(n for n in allowed if any(fitting_length(c, allowed) == n for c in contents) or n == longest)
+    return RowChoice(used, real / run, tuple(sorted(rows_per_step)))
+
+
+def choose_rows(examples: list[Example], steps: list[list[int]], split: Split, world_size: int, *,
+                longest: int, most: int, granule: int = ROW_GRANULE, short_rows: int = MAX_SHORT_ROWS) -> RowChoice:
+    """`trainer.tokens_per_micro_batch=auto`, from the first PLANNED_STEPS steps' sequences as each
+    rank packs them (first fit, in order, as plan_step does): rows of a few lengths, at most
+    1 + `short_rows` (a compiled model compiles once per length, in the first steps). The
+    longest row is the longest multiple of `granule` from `longest` (the longest example,
+    which must fit a row) to `most` tokens whose rows are at least ROW_FILL_TARGET full on
+    average; if none is, the fullest. Longer rows run faster on a GPU (fewer, larger kernels);
+    the shorter lengths keep a step's last row from being mostly padding. Depends only on the
+    data, its order and the split: equal for every mode of a pair."""
+    lengths = [ls for step in steps[:PLANNED_STEPS] for ls in rank_lengths(examples, step, split, world_size)]
+    low = -(-longest // granule) * granule
+    high = max(low, min(most, -(-max(map(sum, lengths)) // granule) * granule))
+    choices = [_try_rows(lengths, n, granule, short_rows) for n in range(low, high + 1, granule)]
+    full = [c for c in choices if c.fill >= ROW_FILL_TARGET]
+    return max(full, key=lambda c: c.tokens) if full else max(choices, key=lambda c: (c.fill, c.tokens))
 
 
 def run_step(model, optimizer, scheduler, plan: StepPlan, *, max_grad_norm: float | None,
@@ -139,7 +230,8 @@ def run_step(model, optimizer, scheduler, plan: StepPlan, *, max_grad_norm: floa
         scheduler.step()
     return StepRecord(nll_sum=nll_sum, objective=objective, target_tokens=plan.target_tokens, grad_norm=grad_norm,
                       clipped=grad_norm > limit, example_index=to_device(plan.example_index, device),
-                      example_weight=to_device(plan.example_weight, device), tokens=plan.tokens)
+                      example_weight=to_device(plan.example_weight, device), tokens=plan.tokens,
+                      row_tokens=plan.row_tokens, real_tokens=plan.real_tokens)
 
 
 def train_step(model, optimizer, scheduler, examples: list[Example], step: list[int], *, mode: str,

@@ -72,7 +72,9 @@ def test_cfg_opens_nothing():
 
 
 @pytest.mark.parametrize("argv", [["trainer.max_grad_norm=null"], ["loss_scale=auto"], ["loss_scale=0.01"],
-                                  ["trainer.precision=auto"], ["trainer.precision=fp32"]])
+                                  ["trainer.precision=auto"], ["trainer.precision=fp32"],
+                                  ["trainer.tokens_per_micro_batch=auto"], ["trainer.jobs_per_gpu=4"],
+                                  ["trainer.compile_cache_dir=null"]])
 def test_valid_settings_pass(argv):
     check_command_line(argv)
 
@@ -89,6 +91,14 @@ def test_valid_settings_pass(argv):
     (["trainer.ranks_per_job=2", "trainer.device=cpu", "hydra/launcher=submitit_local"],
      "trainer.ranks_per_job=2 runs under the basic and joblib launchers, not hydra/launcher=submitit_local"),
     (["trainer.lr=0"], "trainer.lr=0 must be a number > 0"),
+    (["trainer.tokens_per_micro_batch=many"], "trainer.tokens_per_micro_batch='many' is not an integer"),
+    (["trainer.tokens_per_micro_batch=auto", "trainer.max_tokens_per_micro_batch=256"],
+     "trainer.max_tokens_per_micro_batch=256 is shorter than data.max_seq_len=512"),
+    (["trainer.jobs_per_gpu=0"], "trainer.jobs_per_gpu=0 must be >= 1"),
+    (["trainer.tokens_per_micro_batch=auto", "trainer.auto_row_lengths=0"], "trainer.auto_row_lengths=0 must be >= 1"),
+    (["model.liger_kernels=true", "trainer.device=cpu"], "model.liger_kernels=true runs Liger's Triton kernels, which "
+                                                        "need a CUDA GPU"),
+    (["model.liger_kernels=yes"], "model.liger_kernels='yes' must be true or false"),
     (["trainer.device=tpu"], "trainer.device='tpu' is not valid"),
     (["trainer.scheduler=nope"], "trainer.scheduler='nope' is not valid"),
     (["loss_scale=0"], "loss_scale=0 must be a number > 0 or auto"),

@@ -53,10 +53,12 @@ def formula_grad(examples, mode, chunks) -> torch.Tensor:
 
 def harness_grad(examples, mode, grad_accum, packing=False, world: World = World(), device="cpu",
                  semantic_world: int | None = None, tokens_per_micro_batch: int | None = None,
-                 chunk_tokens: int | None = None, compiled_loss: bool = False) -> torch.Tensor:
+                 chunk_tokens: int | None = None, compiled_loss: bool = False,
+                 shorter_rows: tuple[int, ...] = ()) -> torch.Tensor:
     """The gradient `train_step` leaves after one step on this rank (DDP when world.size > 1).
     No clipping, and a zero learning rate, so `.grad` is the objective's gradient.
-    `semantic_world`/`tokens_per_micro_batch`: a semantic split other than the physical one;
+    `semantic_world`/`tokens_per_micro_batch`: a semantic split other than the physical one
+    (`shorter_rows`: the shorter lengths its rows may be cut to);
     `chunk_tokens`: the chunked loss path; `compiled_loss`: its per-chunk functions compiled."""
     device = torch.device(device)
     model = tiny_model().to(device)
@@ -66,7 +68,7 @@ def harness_grad(examples, mode, grad_accum, packing=False, world: World = World
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     train_step(wrapped, optimizer, None, examples, list(range(len(examples))), mode=mode, loss_scale=LOSS_SCALE,
-               split=Split(grad_accum, semantic_world, tokens_per_micro_batch), max_grad_norm=None, world=world,
+               split=Split(grad_accum, semantic_world, tokens_per_micro_batch, shorter_rows), max_grad_norm=None, world=world,
                device=device, layout=dict(pad_id=0, packing=packing, row_length=128))
     return flat_grad(model).cpu()
 

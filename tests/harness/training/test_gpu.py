@@ -102,3 +102,35 @@ def test_compiled_step_with_physical_rows_and_flex_attention_matches_eager(mode)
                    layout=dict(pad_id=0, packing=False, row_length=4096), autocast_dtype=torch.bfloat16)
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rel_err(grads["fast"], grads["eager"]) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_liger_kernels_give_the_formula_gradient(mode, monkeypatch):
+    """model.liger_kernels (Liger's RMSNorm, SwiGLU and RoPE Triton kernels) in float32, packed rows
+    of several lengths as tokens_per_micro_batch=auto cuts them: the float64 formula's gradient to
+    float32 precision, as the same model without Liger gives it."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    from harness.distributed import World
+    from harness.model.loading import apply_liger_kernels
+    from harness.training.losses import CausalLMLoss
+    from harness.training.step import Split, train_step
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger patches the module: undone after
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    examples = make_examples(UNEQUAL)
+    expected = formula_grad(examples, mode, chunks_of(len(examples), 8))
+    grads = {}
+    for liger in (False, True):
+        model = tiny_model(dtype=torch.float32).cuda()
+        if liger:
+            apply_liger_kernels(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+        train_step(CausalLMLoss(model, None), optimizer, None, examples, list(range(len(examples))), mode=mode,
+                   loss_scale=0.37, split=Split(8, None, 64, (48,)), max_grad_norm=None, world=World(),
+                   device=torch.device("cuda"), layout=dict(pad_id=0, packing=False, row_length=64))
+        grads[liger] = torch.cat([p.grad.flatten() for p in model.parameters()]).double().cpu()
+    assert rel_err(grads[False], expected) < 1e-4
+    assert rel_err(grads[True], expected) < 1e-4

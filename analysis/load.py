@@ -43,7 +43,7 @@ RUN_METRICS = {"clipped_fraction": artifacts.CLIPPED_FRACTION_METRIC,
 def param_columns(runs: pd.DataFrame) -> list[str]:
     """The columns of `runs` (as `select_runs` gives them) that hold the runs' config params."""
     fixed = {"run_id", "status", "start_time", "run_name", "loss_scale_value", "group", artifacts.TAG_FLAG,
-             *artifacts.RUN_TAGS, *RUN_METRICS}
+             artifacts.TAG_FLAG_REASON, artifacts.TAG_ERROR, *artifacts.RUN_TAGS, *RUN_METRICS}
     return [c for c in runs.columns if c not in fixed]
 
 

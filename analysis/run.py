@@ -51,6 +51,8 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         raise
     if parent_run_id:
         MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
+        if isinstance(results, tuning.Sweep):
+            tuning.log_to_parent(MlflowClient(uri), parent_run_id, results)
     log.info("analysis of %d runs written to %s", len(runs), out.resolve())
     return results
 

@@ -501,7 +501,7 @@ def log_to_parent(client, parent: str, sweep: Sweep) -> None:
         tags["tuned_edge_warning"] = ", ".join(t.edge) or "none"
         results = [("", res)]
     else:
-        results = [(_slug(v) + "/", res) for v, res in sweep.per_value]
+        results = [("_".join(f"{k}_{x}" for k, x in v.items()) + "/", res) for v, res in sweep.per_value]
         prefix = "diff_vs"
     for sub, res in results:
         final = res.paired_diff[res.paired_diff.step == res.final_step]

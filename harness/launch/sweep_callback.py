@@ -168,10 +168,7 @@ class SweepTracking(Callback):
         except Exception as e:
             MlflowClient(uri).set_tag(parent, "analysis_error", str(e)[:5000])
             raise
-        if hasattr(results, "tuned"):  # a sweep that varies more than reduce_loss and seed (analysis/tuning.py)
-            from analysis.tuning import log_to_parent
-            log_to_parent(MlflowClient(uri), parent, results)
-        else:
+        if not hasattr(results, "tuned"):  # a sweep that varies more keys logs its own (analysis/tuning.py)
             log_headline(MlflowClient(uri), parent, results)
         return results
 

@@ -177,3 +177,81 @@ def test_fingerprints_that_differ_are_compared_only_when_allowed_and_marked_unpa
     data.runs.loc[data.runs["trainer.lr"] == repr(1e-3), "data_fingerprint"] = "other"
     sweep = analyse_sweep(data, Options(buckets=2, allow_unpaired=True))
     assert "UNPAIRED" in sweep.caveats and not sweep.tuned.test.paired
+
+
+@pytest.fixture
+def grid_store(tmp_path):
+    from tests.helpers.mlflow_sweep import log_sweep
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = simulated_grid(60, 80, values=(1e-4, 3e-4, 1e-3), optimum={"mean": 1e-4, "sum": 3e-4}, seeds=(0, 1),
+                          effect=sum_better_in_longest, rng=np.random.default_rng(9))
+    return uri, log_sweep(uri, tmp_path, data), data
+
+
+@pytest.mark.slow
+def test_the_cli_writes_the_tuned_report_and_records_the_choice_on_the_parent_run(tmp_path, grid_store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from analysis.__main__ import main
+    uri, parent, _ = grid_store
+    out = tmp_path / "out"
+    assert main(["--tracking-uri", uri, "--parent-run-id", parent, "--out", str(out), "--edges", "300,600,900"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"sensitivity.png", "sensitivity_by_bucket.png", "tuned_paired_difference.png", "report.md",
+            "report.html", "tuning_grid.csv", "tuned_paired_difference.csv"} <= names
+    md = (out / "report.md").read_text()
+    assert "each at its own best trainer.lr" in md and "on the test split" in md
+    assert "mean: trainer.lr=0.0001 chosen" in md and "sum: trainer.lr=0.0003 chosen" in md
+    assert "WARNING: mean's best trainer.lr (0.0001) is the smallest value of the grid" in md
+    assert "| trainer.lr=0.0001" in md and "0.0003 *" not in md.split("| mean")[1].split("\n")[0]
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
+    tuned = MlflowClient(uri).get_run(parent).data  # the parent records what the analysis chose
+    assert tuned.metrics["tuned/mean/trainer.lr"] == 1e-4 and tuned.metrics["tuned/sum/trainer.lr"] == 3e-4
+    assert any(k.startswith("tuned_diff_vs_mean/sum/") for k in tuned.metrics)
+    assert tuned.tags["tuned_sum"] == "trainer.lr=0.0003" and tuned.tags["tuned_edge_warning"] == "mean"
+    # docs/tuning.md: python -m analysis --parent-run-id <id> --tune trainer.lr --select-by example
+    again = tmp_path / "again"
+    assert main(["--tracking-uri", uri, "--parent-run-id", parent, "--tune", "trainer.lr", "--select-by", "example",
+                 "--out", str(again), "--no-plots"]) == 0
+    assert "selected on**: validation, example-weighted" in (again / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", [
+    (["--tune", "trainer.warmup_steps"], "error: --tune trainer.warmup_steps: the runs do not vary it"),
+    (["--select-by", "tokens"], "invalid choice: 'tokens'"),
+])
+def test_bad_tune_options_fail_in_one_line_leaving_nothing(tmp_path, grid_store, capsys, args, expected):
+    from analysis.__main__ import main
+    uri, parent, _ = grid_store
+    out = tmp_path / "out"
+    try:
+        code = main(["--tracking-uri", uri, "--parent-run-id", parent, "--out", str(out), *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code != 0 and expected in err and not out.exists()
+    assert [line for line in err.splitlines() if line.startswith("error") or "error:" in line][-1].count("error") >= 1
+
+
+@pytest.mark.slow
+def test_the_cli_compares_a_sweep_over_another_key_per_value(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from analysis.__main__ import main
+    from tests.helpers.mlflow_sweep import log_sweep
+    data = two_learning_rates_pooled_today()
+    data.runs = data.runs.rename(columns={"trainer.lr": "trainer.warmup_steps"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = log_sweep(uri, tmp_path, data)
+    out = tmp_path / "out"
+    assert main(["--tracking-uri", uri, "--parent-run-id", parent, "--out", str(out), "--buckets", "2"]) == 0
+    md = (out / "report.md").read_text()
+    assert "compared separately for each value" in md
+    assert {"paired_difference_trainer.warmup_steps=0.001.png", "paired_difference_trainer.warmup_steps=0.01.png",
+            "paired_difference_trainer.warmup_steps=0.001.csv"} <= {p.name for p in out.iterdir()}
+    assert "paired_difference.csv" not in {p.name for p in out.iterdir()}  # no pooled comparison
+    metrics = MlflowClient(uri).get_run(parent).data.metrics
+    logged = {k: v for k, v in metrics.items() if k.startswith("diff_vs_mean/trainer.warmup_steps_") and "/ci_" not in k}
+    assert len(logged) == 4  # 2 values x 2 buckets
+    assert all((v > 0.1) == ("_0.001/" in k) for k, v in logged.items())

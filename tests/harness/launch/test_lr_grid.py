@@ -16,7 +16,7 @@ def test_lr_grid_preset_ends_in_the_tuned_comparison_on_the_test_split(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parents, children = child_runs(tmp_path)
     assert len(children) == 12 and (children.status == "FINISHED").all()
-    assert sorted(children["params.trainer.lr"].unique()) == ["0.001", "0.003", "0.01"]
+    assert sorted(children["params.trainer.lr"].unique()) == ["0.003", "0.01", "0.03"]
     for _, runs in children.groupby("tags.seed"):  # paired across learning rates: same weights, same data
         assert runs["tags.init_fingerprint"].nunique() == 1 and runs["tags.data_fingerprint"].nunique() == 1
         assert runs["tags.pair_id"].nunique() == 3  # the pair id includes the learning rate, by design
@@ -28,12 +28,12 @@ def test_lr_grid_preset_ends_in_the_tuned_comparison_on_the_test_split(tmp_path)
     report = next(tmp_path.glob("multirun/*/*/analysis/report.md")).read_text()
     assert "![Final validation loss against the tuned value" in report and "(sensitivity.png)" in report
     assert "(sensitivity_by_bucket.png)" in report and "(tuned_paired_difference.png)" in report
-    assert "## Final validation loss (token-weighted (each token weighs the same)) per trainer.lr" in report
-    assert "| trainer.lr=0.001" in report and "At the chosen values, test split: Paired difference" in report
+    assert "## Final validation loss, token-weighted: each token weighs the same, per trainer.lr" in report
+    assert "| trainer.lr=0.003" in report and "At the chosen values, test split: Paired difference" in report
     assert "each at its own best trainer.lr" in report
     # the end-of-sweep summary prints the tuned table and the test-split comparison
     assert "final validation loss (token-weighted) per trainer.lr" in proc.stdout
     assert "test split at the chosen values, paired difference vs mean" in proc.stdout
     parent = parents.iloc[0]
-    assert parent["metrics.tuned/mean/trainer.lr"] in (1e-3, 3e-3, 1e-2)
-    assert parent["metrics.tuned/sum/trainer.lr"] in (1e-3, 3e-3, 1e-2)
+    assert parent["metrics.tuned/mean/trainer.lr"] in (3e-3, 1e-2, 3e-2)
+    assert parent["metrics.tuned/sum/trainer.lr"] in (3e-3, 1e-2, 3e-2)

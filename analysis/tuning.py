@@ -320,6 +320,14 @@ def _tuned_tables(t: Tuned) -> dict[str, pd.DataFrame]:
     return shown
 
 
+def _value_axis(ax, t: Tuned) -> None:
+    """A log axis (for positive values) ticked at the grid's values only."""
+    if min(t.values) > 0:
+        ax.set_xscale("log")
+    ax.set_xticks(t.values, [fmt(v) for v in t.values])
+    ax.minorticks_off()
+
+
 def sensitivity_plot(t: Tuned, path: Path, suffix: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -330,8 +338,7 @@ def sensitivity_plot(t: Tuned, path: Path, suffix: str) -> None:
         ax.fill_between(means.index, means["min"], means["max"], color=color, alpha=0.15)
         ax.scatter(part.value, part.val_loss, color=color, s=12, alpha=0.6)
         ax.axvline(t.chosen[mode], color=color, ls=":", lw=1)
-    if min(t.values) > 0:
-        ax.set_xscale("log")
+    _value_axis(ax, t)
     ax.set_xlabel(t.key)
     ax.set_ylabel(f"final validation loss, {t.select_by}-weighted (nats / token)")
     ax.set_title(f"Sensitivity to {t.key}: seeds as points, their range as a band, chosen value dotted{suffix}",
@@ -359,8 +366,7 @@ def sensitivity_by_bucket_plot(t: Tuned, path: Path, bucket_by: str, suffix: str
                         color=plots._color(mode), label=mode)
             best = p.loc[p["mean"].idxmin()]
             ax.plot([best.value], [best["mean"]], "*", ms=11, color=plots._color(mode))
-        if min(t.values) > 0:
-            ax.set_xscale("log")
+        _value_axis(ax, t)
         ax.set_title(f"{bucket_by} {t.bucket_labels[b]}", fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:

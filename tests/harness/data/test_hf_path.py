@@ -234,9 +234,12 @@ def test_a_type_change_that_pyarrow_reports_in_its_own_block_is_found_in_the_fil
 
 
 def hf_args(model_dir, files, cache_dir, *extra):
-    """CLI overrides; `files` is {train, validation} or one file split by data.val_fraction."""
-    source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']}}}", "data.val_split=validation"]
-              if isinstance(files, dict) else [f"data.data_files={files}", "data.val_fraction=0.25"])
+    """CLI overrides; `files` is {train, validation, test} or one file split by data.val_fraction and
+    data.test_fraction."""
+    source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']},test:{files['test']}}}",
+               "data.val_split=validation", "data.test_split=test"]
+              if isinstance(files, dict) else [f"data.data_files={files}", "data.val_fraction=0.25",
+                                               "data.test_fraction=0.2"])
     return ["model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32",
             "data=hf", "data.path=json", *source, "data.id_column=id", f"data.max_seq_len={MAX_SEQ_LEN}",
             "data.truncation=drop", f"data.cache_dir={cache_dir}",
@@ -254,7 +257,7 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     first = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     cached = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
-    assert len(cached) == 2  # train and validation
+    assert len(cached) == 3  # train, validation and test
     second = run_cli(hf_args(model_dir, files, cache, "seed=1"), tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == cached
@@ -281,7 +284,7 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     write_jsonl(files["train"], edited)
     third = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert len(set(cache.glob("*.arrow")) - set(cached)) == 2
+    assert len(set(cache.glob("*.arrow")) - set(cached)) == 3
     runs = mlflow.search_runs(search_all_experiments=True).sort_values("start_time", ignore_index=True)
     assert runs["tags.tokenisation_cache"].iloc[2] == "built"
     assert runs["tags.data_fingerprint"].iloc[2] != runs["tags.data_fingerprint"].iloc[0]

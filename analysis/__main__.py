@@ -37,6 +37,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--include-flagged", action="store_true",
                    help="analyse runs flagged as broken (loss rose, zero gradient) and leave out runs that did "
                         "not finish, instead of refusing; the report names them and is marked FLAGGED RUNS")
+    p.add_argument("--tune", metavar="KEY",
+                   help="a numeric key the sweep varies (e.g. trainer.lr, the default when it varies it; loss_scale): "
+                        "each reduction at its own best value, chosen on validation, compared on the test split")
+    p.add_argument("--select-by", choices=["token", "example"], default="token",
+                   help="the final validation loss that chooses --tune's value: token-weighted (default) or "
+                        "example-weighted")
     p.add_argument("--no-plots", action="store_true", help="tables and report only")
     return p
 
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(bucket_by=args.bucket_by, buckets=args.buckets, edges=args.edges,
                        reference=args.reference, allow_unpaired=args.allow_unpaired,
                        include_flagged=args.include_flagged)
-        run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots)
+        run_analysis(uri, out, opts, experiment=args.experiment, parent_run_id=parent, draw=not args.no_plots,
+                     tune=args.tune, select_by=args.select_by)
     except AnalysisError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from analysis.load import AnalysisError, RunData, require_two_modes
+from analysis.load import AnalysisError, RunData, param_columns, require_two_modes
 from harness import artifacts
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Results:
     superseded: list[str] = field(default_factory=list)  # earlier runs of repeated jobs, left out
     left_out: list[str] = field(default_factory=list)  # runs that did not finish (--include-flagged)
     clipping: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode (`clipping`); empty if not logged
+    marks: list[str] = field(default_factory=list)  # further caveats every output carries (analysis/tuning.py)
 
     @property
     def flagged(self) -> pd.DataFrame:
@@ -59,13 +60,28 @@ class Results:
     def caveats(self) -> list[str]:
         """What every output is marked with: UNPAIRED, FLAGGED RUNS."""
         flagged = len(self.flagged) > 0 or len(self.left_out) > 0
-        return (["UNPAIRED"] if not self.paired else []) + (["FLAGGED RUNS"] if flagged else [])
+        return (["UNPAIRED"] if not self.paired else []) + (["FLAGGED RUNS"] if flagged else []) + self.marks
+
+
+def varied_keys(runs: pd.DataFrame, named: list[str] = ()) -> list[str]:
+    """The config keys, besides reduce_loss and seed, whose value differs between runs of one
+    reduction: runs that differ in one are not seeds of one comparison. `named` (the sweep's
+    swept_keys) come first, in their order; a key not among the runs' params is not a key here."""
+    params = [c for c in param_columns(runs) if c not in (artifacts.TAG_MODE, artifacts.TAG_SEED)]
+    varied = [c for c in params if (runs.groupby(artifacts.TAG_MODE)[c].nunique(dropna=False) > 1).any()]
+    return [k for k in named if k in varied] + [k for k in varied if k not in named]
 
 
 def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool]:
     """Runs with a `group` column; refuse comparisons that are not paired."""
     runs = data.runs.copy()
     require_two_modes(runs.reduce_loss)
+    varied = varied_keys(runs)
+    if varied:  # never pooled as if they were seeds, paired or not
+        values = "; ".join(f"{k}: {', '.join(sorted(runs[k].astype(str).unique()))}" for k in varied)
+        raise AnalysisError(f"the runs of one reduction differ in {', '.join(varied)} ({values}), so they are not "
+                            "seeds of one comparison; compare them per value (python -m analysis does) or tune "
+                            f"(--tune {varied[0]})")
     modes = sorted(runs.reduce_loss.unique())
     final = data.evals[data.evals.step == data.evals.groupby("run_id").step.transform("max")]
     # each run's set of validation examples, as an order-free fingerprint (hashes summed, and counted)

@@ -32,11 +32,19 @@ class RunData:
     grad_weights: pd.DataFrame  # run_id + artifacts.GRAD_WEIGHT_COLUMNS
     curves: pd.DataFrame  # run_id, step, value (train/loss)
     superseded: list[str] = field(default_factory=list)  # earlier runs of a job that ran again, left out
+    tests: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id + artifacts.EVAL_COLUMNS: the test split
 
 
 # End-of-run metrics read into `runs` (column name: metric); absent in runs that did not log them.
 RUN_METRICS = {"clipped_fraction": artifacts.CLIPPED_FRACTION_METRIC,
                "grad_norm_median": artifacts.GRAD_NORM_MEDIAN_METRIC}
+
+
+def param_columns(runs: pd.DataFrame) -> list[str]:
+    """The columns of `runs` (as `select_runs` gives them) that hold the runs' config params."""
+    fixed = {"run_id", "status", "start_time", "run_name", "loss_scale_value", "group", artifacts.TAG_FLAG,
+             artifacts.TAG_FLAG_REASON, artifacts.TAG_ERROR, *artifacts.RUN_TAGS, *RUN_METRICS}
+    return [c for c in runs.columns if c not in fixed]
 
 
 def check_reachable(uri: str) -> None:
@@ -149,14 +157,24 @@ def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> pd.D
 
 
 def _require_schema(runs: pd.DataFrame) -> None:
-    """Refuse runs written under another artifact contract (see artifacts.SCHEMA_VERSION)."""
+    """Refuse runs written under an artifact contract this analysis does not read (see
+    artifacts.READABLE_SCHEMAS)."""
     found = runs.get(f"tags.{artifacts.TAG_SCHEMA}", pd.Series(None, index=runs.index))
-    other = runs[found.fillna("none") != artifacts.SCHEMA_VERSION]
+    other = runs[~found.fillna("none").isin(artifacts.READABLE_SCHEMAS)]
     if not other.empty:
         names = ", ".join(other.get("tags.mlflow.runName", other.run_id).fillna("?").astype(str).head(5))
         raise AnalysisError(
             f"{len(other)} run(s) ({names}) have artifact schema {sorted(set(found[other.index].fillna('none')))}, "
-            f"this analysis reads schema {artifacts.SCHEMA_VERSION}; analyse them with the version that wrote them")
+            f"this analysis reads schemas {', '.join(artifacts.READABLE_SCHEMAS)}; analyse them with the version "
+            "that wrote them")
+
+
+def parent_swept_keys(uri: str, parent_run_id: str | None) -> list[str]:
+    """The keys the sweep's parent run says its jobs vary (tag swept_keys), `+`/`~` removed."""
+    if not parent_run_id:
+        return []
+    tag = MlflowClient(uri).get_run(parent_run_id).data.tags.get(artifacts.TAG_SWEPT_KEYS, "")
+    return [k.lstrip("+~") for k in tag.split(",") if k]
 
 
 def _read_artifacts(client: MlflowClient, run_id: str, folder: str, dest: Path) -> list[Path]:
@@ -184,7 +202,7 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
                     len(superseded), ", ".join(superseded))
     client = MlflowClient(uri)
     names = dict(zip(runs.run_id, runs.run_name.fillna(runs.run_id)))
-    evals, grads, curves = [], [], []
+    evals, grads, curves, tests = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs.run_id:
             files = _read_artifacts(client, run_id, artifacts.EVAL_DIR, Path(tmp) / run_id)
@@ -197,6 +215,11 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
                 _require_finite(df, ["loss_sum", "loss_mean"], names[run_id], f"{artifacts.EVAL_DIR}/{f.name}")
                 df["run_id"], df["step"] = run_id, step
                 evals.append(df)
+            for f in files:
+                if f.name == artifacts.TEST_EVAL:  # the test split (schema 2 on)
+                    df = pd.read_parquet(f, columns=artifacts.EVAL_COLUMNS)
+                    _require_finite(df, ["loss_sum", "loss_mean"], names[run_id], f"{artifacts.EVAL_DIR}/{f.name}")
+                    tests.append(df.assign(run_id=run_id))
             for f in _read_artifacts(client, run_id, artifacts.TRAIN_DIR, Path(tmp) / run_id / "t"):
                 if f.name == artifacts.GRAD_WEIGHT_FILE:
                     df = pd.read_parquet(f, columns=artifacts.GRAD_WEIGHT_COLUMNS)
@@ -216,6 +239,7 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
         grad_weights=pd.concat(grads, ignore_index=True) if grads else pd.DataFrame(),
         curves=pd.concat(curves, ignore_index=True),
         superseded=superseded,
+        tests=pd.concat(tests, ignore_index=True) if tests else pd.DataFrame(),
     )
 
 

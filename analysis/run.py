@@ -14,28 +14,36 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from analysis import plots, report
+from analysis import plots, report, tuning
 from analysis.compute import Options, Results, analyse
-from analysis.load import AnalysisError, load, select_runs
+from analysis.load import AnalysisError, load, parent_swept_keys, select_runs
 
 log = logging.getLogger(__name__)
 MARKER = ".reduce-loss-analysis"  # in every folder this tool writes: the names it wrote, one per line
 
 
 def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None = None,
-                 parent_run_id: str | None = None, draw: bool = True) -> Results:
+                 parent_run_id: str | None = None, draw: bool = True, tune: str | None = None,
+                 select_by: str = "token") -> Results | tuning.Sweep:
+    """A `Results` when the runs vary nothing but reduce_loss and seed; else the comparison per
+    value of what they vary, or tuned (analysis/tuning.py)."""
     out = Path(out)
     check_replaceable(out)
     runs, left_out = select_runs(uri, experiment=experiment, parent_run_id=parent_run_id,
                                  include_flagged=opts.include_flagged)
     data = load(uri, runs)
-    results = analyse(data, opts)
-    results.left_out = left_out
+    results = tuning.analyse_sweep(data, opts, tune=tune, select_by=select_by,
+                                   swept=parent_swept_keys(uri, parent_run_id)) or analyse(data, opts)
+    for res in ([results] if isinstance(results, Results) else
+                [res for _, res in results.per_value] + ([results.tuned.test] if results.tuned else [])):
+        res.left_out = left_out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        images = plots.draw_all(results, staging) if draw else []
-        report.write(results, staging, images)
+        if isinstance(results, tuning.Sweep):
+            tuning.write(results, staging, tuning.draw(results, staging) if draw else [])
+        else:
+            report.write(results, staging, plots.draw_all(results, staging) if draw else [])
         (staging / MARKER).write_text("".join(f"{p.name}\n" for p in sorted(staging.iterdir())))
         replace(out, staging)
     except BaseException:
@@ -43,6 +51,8 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         raise
     if parent_run_id:
         MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
+        if isinstance(results, tuning.Sweep):
+            tuning.log_to_parent(MlflowClient(uri), parent_run_id, results)
     log.info("analysis of %d runs written to %s", len(runs), out.resolve())
     return results
 

@@ -3,12 +3,14 @@ analysis reads. Torch-free, so the analysis imports it without the training stac
 
 A run is an MLflow child run of its sweep's parent run, tagged with `RUN_TAGS`, holding
 - `eval/step_<8 digits>.parquet` at every evaluation and `eval/final.parquet` (EVAL_COLUMNS),
+- `eval/test.parquet` (EVAL_COLUMNS): the test split, evaluated once at the end (schema 2 on),
 - `train/train_grad_weight.parquet` (GRAD_WEIGHT_COLUMNS),
 - the metric `train/loss` (token-mean NLL of each step),
 - at the end, the metrics `train/clipped_fraction` (share of all steps whose gradient was
   clipped) and `train/grad_norm_median` (median pre-clip gradient norm over all steps),
 - the tag `loss_scale` and metric `train/loss_scale`: `sum`'s token weight (`auto` resolved).
-Runs of another `SCHEMA_VERSION` are refused by the analysis.
+Runs of a schema outside `READABLE_SCHEMAS` are refused by the analysis. Schema 1 runs have no
+test split: a comparison tuned on them is selected and reported on the validation split.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-SCHEMA_VERSION = "1"  # bump when a name or column below changes meaning
+SCHEMA_VERSION = "2"  # bump when a name or column below changes meaning
+READABLE_SCHEMAS = ("1", "2")  # what the analysis reads: 1 is 2 without the test split
+SCHEMAS_WITHOUT_TEST = ("1",)
 
 # The reductions (harness/training/reduction.py defines them); a run's tag reduce_loss is one of these.
 MODES = ("mean", "sum", "token_mean", "seq_mean")
@@ -26,7 +30,7 @@ TAG_MODE = "reduce_loss"
 TAG_SEED = "seed"
 TAG_PAIR = "pair_id"  # equal for runs whose resolved configs differ only in reduce_loss
 TAG_INIT = "init_fingerprint"  # hash of the initial parameters
-TAG_DATA = "data_fingerprint"  # hash of the tokenised training and validation examples and the training order
+TAG_DATA = "data_fingerprint"  # hash of the tokenised training, validation and test examples and the training order
 TAG_SCHEMA = "schema_version"
 TAG_JOB = "job_key"  # the job a run belongs to (harness/runs/jobs.py); runs of one job are duplicates
 TAG_LOSS_SCALE = "loss_scale"  # the resolved loss_scale (the param holds `auto` when asked for)
@@ -43,12 +47,17 @@ FLAGS = [FLAG_LOSS_ROSE, FLAG_GRAD_ZERO]
 TAG_ERROR = "error"  # why a FAILED run failed
 TAG_CACHE = "tokenisation_cache"  # built (by this command), reused (from an earlier one), none (not cached)
 
+# On a sweep's parent run: the config keys whose value differs between its jobs (comma-separated).
+TAG_SWEPT_KEYS = "swept_keys"
+
 # The sweep folder holds the parent run's id, so jobs and the analysis can find it.
 PARENT_ID_FILE = "mlflow_parent_run_id"
 
 # Per-example validation losses, one row per validation example.
 EVAL_DIR = "eval"
 FINAL_EVAL = "final.parquet"
+TEST_EVAL = "test.parquet"  # the test split's per-example losses after the last step, in EVAL_DIR
+TEST_METRIC_PREFIX = "test/"  # test/token_loss, test/seq_loss at the last step
 EVAL_COLUMNS = ["example_id", "seq_len", "target_tokens", "loss_sum", "loss_mean"]
 _STEP_FILE = re.compile(r"^step_(\d{8})\.parquet$")
 

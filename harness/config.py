@@ -45,6 +45,11 @@ def _positive(key: str, value, alternative: str | None = None) -> None:
         raise ConfigError(f"{key}={value!r} must be a number > 0" + (f" or {alternative}" if alternative else ""))
 
 
+def _fraction(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"{key}={value!r} must be a number between 0 and 1")
+
+
 def validate(cfg: DictConfig) -> None:
     # imported here, not above: --help and --cfg load this module and need no torch or transformers
     from transformers import SchedulerType
@@ -128,9 +133,15 @@ def validate(cfg: DictConfig) -> None:
                 f"data.pack_length={d.pack_length} is shorter than data.max_seq_len={d.max_seq_len}; "
                 "a packed row must hold the longest example"
             )
+    if d.kind == "synthetic" and "num_test" in d:
+        _int("data.num_test", d.num_test)
+    if d.kind in ("sharegpt", "hf") and d.get("test_fraction") is not None and not d.get("test_split"):
+        _fraction("data.test_fraction", d.test_fraction)
     if d.kind == "sharegpt":
-        if isinstance(d.val_fraction, bool) or not isinstance(d.val_fraction, (int, float)) or not 0 < d.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={d.val_fraction!r} must be a number between 0 and 1")
+        _fraction("data.val_fraction", d.val_fraction)
+        if d.get("test_fraction") is not None and d.val_fraction + d.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} + data.test_fraction={d.test_fraction} "
+                              "leave nothing to train on; their sum must be below 1")
         if d.max_examples is not None:
             _int("data.max_examples", d.max_examples)
         if not isinstance(d.single_turn, bool):

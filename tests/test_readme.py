@@ -142,6 +142,15 @@ COMMANDS = {
         "tests/test_cli_throughput.py::test_cli_throughput_prints_the_cli_beside_the_in_process_figure",
         "with --dir, --steps 3 and --warmup 1"),
     "pip install liger-kernel==0.8.5": NotRun("changes the shared environment (and needs CUDA to be of use)"),
+    # docs/tuning.md
+    "python -m harness -m +experiment=lr_grid": RunBy(
+        "tests/harness/launch/test_lr_grid.py::test_lr_grid_preset_ends_in_the_tuned_comparison_on_the_test_split",
+        "mean and sum of the preset's grid (12 runs), QUICK settings and 64 test examples"),
+    "python -m analysis --parent-run-id <id> --tune trainer.lr --select-by example": RunBy(
+        "tests/analysis/test_tuning.py::test_the_cli_writes_the_tuned_report_and_records_the_choice_on_the_parent_run",
+        "on a store of simulated runs"),
+    "python -m harness -m +experiment=gpu_100m trainer.lr=3e-4,6e-4,1.2e-3": NotRun("needs a GPU"),
+    "python -m harness -m +experiment=sharegpt_smollm2 trainer.lr=5e-5,1e-4,2e-4": NotRun(f"needs {SHAREGPT_REAL}"),
 }
 
 
@@ -297,7 +306,8 @@ def test_sweeps_then_every_analysis_command(tmp_path, monkeypatch):
         "python -m analysis --experiment reduce-loss --bucket-by target_tokens --buckets 8": tmp_path / "analysis_out",
         "python -m analysis --edges 64,128,256 --reference token_mean": newest / "analysis",
     }
-    assert sorted(expected) == sorted(c for c in _commands("python -m analysis") if "tracking-host" not in c)
+    in_readme = readme_commands(README.read_text())  # docs/tuning.md's analysis command runs in its own test
+    assert sorted(expected) == sorted(c for c in in_readme if c.startswith("python -m analysis") and "tracking-host" not in c)
     for command, out in expected.items():
         for old in (newest / "analysis", first / "analysis"):
             shutil.rmtree(old, ignore_errors=True)  # each command must write its own report

@@ -176,16 +176,28 @@ def cached_conversations(path: Path, cache_dir: str) -> Conversations:
 def in_validation(source_ids: list[str], fraction: float, seed: int) -> list[bool]:
     """Whether each source id is held out: a hash of the id and `seed`, so every part and
     repeat of one conversation lands on the same side, whatever else is in the file."""
+    return [u < fraction for u in _units(source_ids, seed)]
+
+
+def in_test(source_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[bool]:
+    """Whether each source id is in the test split: the next `test_fraction` of the same hash
+    after the validation ids, so validation is as `in_validation` says and every part of one
+    conversation lands on one side."""
+    return [val_fraction <= u < val_fraction + test_fraction for u in _units(source_ids, seed)]
+
+
+def _units(source_ids: list[str], seed: int) -> list[float]:
     def unit(source_id: str) -> float:
         digest = hashlib.sha256(f"{seed}:{source_id}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
-    return [unit(s) < fraction for s in source_ids]
+    return [unit(s) for s in source_ids]
 
 
 def select(conv: Conversations, *, single_turn: bool, max_examples: int | None, val_fraction: float,
-           seed: int) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, int]]:
+           seed: int, test_fraction: float | None = None) -> tuple[datasets.Dataset, ...]:
     """Train and validation sets (example_id, messages, row = the record's index in the file)
-    after the options, and the counts of everything left out."""
+    after the options, and the counts of everything left out; with `test_fraction`, the test
+    set too, before the counts: (train, validation, test, counts)."""
     table, counts = conv.table, dict(conv.counts)
     if single_turn:
         keep = [a == 1 and u == 1 for a, u in zip(table["assistant_turns"].to_pylist(), table["user_turns"].to_pylist())]
@@ -194,14 +206,22 @@ def select(conv: Conversations, *, single_turn: bool, max_examples: int | None, 
     if max_examples is not None and len(table) > max_examples:
         counts["over_max_examples"] = len(table) - max_examples
         table = table.slice(0, max_examples)  # the first conversations of the file
-    held_out = pa.array(in_validation(table["source_id"].to_pylist(), val_fraction, seed), type=pa.bool_())
+    source_ids = table["source_id"].to_pylist()
+    held_out = pa.array(in_validation(source_ids, val_fraction, seed), type=pa.bool_())
+    tested = pa.array(in_test(source_ids, val_fraction, test_fraction or 0.0, seed), type=pa.bool_())
     out = table.select(["example_id", "messages", "record"]).rename_columns(["example_id", "messages", "row"])
-    train, val = out.filter(pc.invert(held_out)), out.filter(held_out)
+    train, val, test = out.filter(pc.invert(pc.or_(held_out, tested))), out.filter(held_out), out.filter(tested)
     counts |= {"train_conversations": len(train), "validation_conversations": len(val)}
     # A fingerprint of what was selected spares `datasets` from hashing all the text.
     tag = hashlib.sha256(f"{conv.key}|{single_turn}|{max_examples}|{val_fraction}|{seed}".encode()).hexdigest()[:16]
+    if test_fraction is None:
+        return (datasets.Dataset(train, fingerprint=f"sharegpt-train-{tag}"),
+                datasets.Dataset(val, fingerprint=f"sharegpt-val-{tag}"), counts)
+    counts["test_conversations"] = len(test)
+    tag = hashlib.sha256(f"{tag}|{test_fraction}".encode()).hexdigest()[:16]
     return (datasets.Dataset(train, fingerprint=f"sharegpt-train-{tag}"),
-            datasets.Dataset(val, fingerprint=f"sharegpt-val-{tag}"), counts)
+            datasets.Dataset(val, fingerprint=f"sharegpt-val-{tag}"),
+            datasets.Dataset(test, fingerprint=f"sharegpt-test-{tag}"), counts)
 
 
 def write_prefix(path: Path, out: Path, last_record: int) -> int:

@@ -2,9 +2,11 @@
 `datasets.load_dataset` reads (`data=hf`: a Hub name, or json/parquet/csv files), or ShareGPT
 (`data=sharegpt`, harness/data/sharegpt.py).
 
-A source gives train and validation splits whose rows are `(example_id, messages, row)`:
+A source gives train, validation and test splits whose rows are `(example_id, messages, row)`:
 a stable id, the conversation as it is in the data, and its row in the source split (for
 error messages). Tokenisation (harness/data/tokenise.py) is the same for every source.
+Validation serves the curves and any selection (of a learning rate, say); the test split is
+evaluated once, at the end, for reporting on examples no choice has seen.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Source:
     cacheable: bool  # tokenised rows are cached on disk (not worth it for generated data)
     content: str = ""  # identifies the data's content (cacheable sources): part of the cache key
     counts: dict[str, int] = field(default_factory=dict)  # what the source read and left out, and why
+    test: datasets.Dataset | None = None  # held out from training and validation; evaluated once, at the end
 
 
 def load_source(cfg) -> Source:
@@ -54,12 +57,16 @@ def load_source(cfg) -> Source:
 
 
 def _synthetic(cfg) -> Source:
-    rows = synthetic_chat.generate(cfg.num_train + cfg.num_val, cfg.seed)
+    # The test conversations are generated after the others, so train and validation stay as they
+    # were before there was a test split.
+    n_train, n_val, n_test = cfg.num_train, cfg.num_val, cfg.get("num_test", 0)
+    rows = synthetic_chat.generate(n_train + n_val + n_test, cfg.seed)
+    start_of_split = [0] * n_train + [n_train] * n_val + [n_train + n_val] * n_test
     ds = datasets.Dataset.from_list([{"example_id": r["example_id"], "messages": r["messages"],
-                                      "row": i if i < cfg.num_train else i - cfg.num_train}
-                                     for i, r in enumerate(rows)])
-    return Source(ds.select(range(cfg.num_train)), ds.select(range(cfg.num_train, len(ds))), "synthetic data",
-                  {"train": "train", "validation": "validation"}, "messages", ROLES, cacheable=False)
+                                      "row": i - start_of_split[i]} for i, r in enumerate(rows)])
+    return Source(ds.select(range(n_train)), ds.select(range(n_train, n_train + n_val)), "synthetic data",
+                  {"train": "train", "validation": "validation", "test": "test"}, "messages", ROLES, cacheable=False,
+                  test=ds.select(range(n_train + n_val, len(ds)) if n_test else []))
 
 
 def file_list(data_files) -> list[str]:
@@ -165,9 +172,20 @@ def _hf(cfg) -> Source:
     else:  # a held-out fraction of `split`
         parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
         train, val = parts["train"], parts["test"]
+    test_split, test_fraction = cfg.get("test_split"), cfg.get("test_fraction")
+    if test_split:
+        if test_split not in ds:
+            raise DataError(f"data.test_split={test_split!r} not found; splits: {', '.join(ds)}")
+        test = with_ids(ds[test_split], test_split)
+    elif test_fraction:  # a further held-out fraction of what is left for training, drawn with `seed`
+        parts = train.train_test_split(test_size=test_fraction, seed=cfg.seed, shuffle=True)
+        train, test = parts["train"], parts["test"]
+    else:
+        test = None
     role_names = dict(cfg.role_names)
-    return Source(train, val, describe(cfg), {"train": cfg.split, "validation": cfg.val_split or cfg.split},
-                  column, role_names, cacheable=True, content=content_id(cfg, ds))
+    return Source(train, val, describe(cfg), {"train": cfg.split, "validation": cfg.val_split or cfg.split,
+                                              "test": test_split or cfg.split},
+                  column, role_names, cacheable=True, content=content_id(cfg, ds), test=test)
 
 
 # Why a data file could not be read, said in one line. Only asked after reading failed.
@@ -280,12 +298,13 @@ def _sharegpt(cfg) -> Source:
         conversations = sharegpt.cached_conversations(path, cfg.cache_dir)
     except sharegpt.ShareGPTError as e:
         raise DataError(str(e)) from None
-    train, val, counts = sharegpt.select(conversations, single_turn=cfg.single_turn, max_examples=cfg.max_examples,
-                                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train, val, test, counts = sharegpt.select(conversations, single_turn=cfg.single_turn,
+                                               max_examples=cfg.max_examples, val_fraction=cfg.val_fraction,
+                                               seed=cfg.seed, test_fraction=cfg.get("test_fraction") or 0.0)
     if not len(train) or not len(val):
         left_out = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
         raise DataError(f"data=sharegpt: no {'training' if not len(train) else 'validation'} conversation left "
                         f"after filtering {path.name} ({left_out})")
     return Source(train, val, f"ShareGPT {path}",
-                  {"train": "train", "validation": "validation"}, "conversations", ROLES, cacheable=True,
-                  content=f"sharegpt:{conversations.key}", counts=counts)
+                  {"train": "train", "validation": "validation", "test": "test"}, "conversations", ROLES,
+                  cacheable=True, content=f"sharegpt:{conversations.key}", counts=counts, test=test)

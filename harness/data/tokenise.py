@@ -22,13 +22,15 @@ log = logging.getLogger(__name__)
 TOKENISATION_VERSION = "1"  # bump when encode() changes, to invalidate caches
 BAR_MIN_ROWS = 10_000  # smaller splits tokenise in about a second: no progress bar for them
 CACHE_KEYS = ("kind", "path", "name", "data_files", "split", "val_split", "val_fraction", "seed", "max_examples",
-              "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn")
+              "messages_column", "id_column", "role_names", "max_seq_len", "truncation", "single_turn",
+              "test_split", "test_fraction")
 
 
 @dataclass
 class PreparedData:
     train: list[Example]
     val: list[Example]
+    test: list[Example] = field(default_factory=list)  # evaluated once, at the end (reporting, not selection)
     counts: dict[str, int] = field(default_factory=dict)  # "<split>/<status>" for every status but ok
     cache: str = "none"  # the tokenisation cache: built (in this process), reused (built before it), none
 
@@ -50,7 +52,7 @@ def _cache_key(cfg, source: Source, tokenizer, split_name: str) -> str:
 
 
 def _tokenize(source: Source, split_name: str, cfg, tokenizer) -> tuple[datasets.Dataset, str]:
-    split = source.train if split_name == "train" else source.val
+    split = {"train": source.train, "validation": source.val, "test": source.test}[split_name]
 
     def encode_rows(batch):
         out = {"input_ids": [], "labels": [], "status": []}
@@ -117,6 +119,12 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         train_tok, cache_train = _tokenize(source, "train", cfg, tokenizer)
         val_tok, cache_val = _tokenize(source, "validation", cfg, tokenizer)
         train, val = _examples(train_tok, counts, "train"), _examples(val_tok, counts, "validation")
+        caches = {cache_train, cache_val}
+        test = []
+        if source.test is not None:
+            test_tok, cache_test = _tokenize(source, "test", cfg, tokenizer)
+            test = _examples(test_tok, counts, "test")
+            caches.add(cache_test)
     except UnicodeDecodeError as e:  # pyarrow reads bytes that are not UTF-8; decoding a row fails
         raise DataError(bad_file(cfg, e) or f"data: text that is not UTF-8 ({e})") from None
     if counts:
@@ -126,5 +134,20 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise DataError(f"data: every training example was dropped ({counts}); raise data.max_seq_len or use truncation=truncate")
     if not val:
         raise DataError(f"data: every validation example was dropped ({counts})")
+    check_test_split(train, val, test, source)
     counts |= {f"source/{k}": v for k, v in source.counts.items()}
-    return PreparedData(train, val, counts, cache_train if cache_train == cache_val else "built")
+    return PreparedData(train, val, test, counts, caches.pop() if len(caches) == 1 else "built")
+
+
+def check_test_split(train: list[Example], val: list[Example], test: list[Example], source: Source) -> None:
+    """The test split holds examples, and none of them is also a training or validation example."""
+    if not test:
+        why = "has no test split" if source.test is None else "leaves no test example"
+        raise DataError(f"data: {source.name} {why}; the test split must hold examples (data.num_test, "
+                        "data.test_split or data.test_fraction)")
+    ids = {e.example_id for e in test}
+    for name, other in (("training", train), ("validation", val)):
+        shared = sorted(ids & {e.example_id for e in other})
+        if shared:
+            raise DataError(f"data: {len(shared)} example id(s) are both test and {name} examples (e.g. "
+                            f"{shared[0]!r}); the test split must be held out")

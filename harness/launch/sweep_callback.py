@@ -175,7 +175,8 @@ class SweepTracking(Callback):
         except Exception as e:
             MlflowClient(uri).set_tag(parent, "analysis_error", str(e)[:5000])
             raise
-        log_headline(MlflowClient(uri), parent, results)
+        if not hasattr(results, "tuned"):  # a sweep that varies more keys logs its own (analysis/tuning.py)
+            log_headline(MlflowClient(uri), parent, results)
         return results
 
 

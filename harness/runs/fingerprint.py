@@ -17,16 +17,21 @@ def params_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_fingerprint(train: list, order: list[int], validation: list) -> str:
+def data_fingerprint(train: list, order: list[int], validation: list, test: list = ()) -> str:
     """The data of a run: every training example (harness.data.batching.Example: id, tokens, targets),
-    the order it is trained in (indices into `train`), and the validation examples. An edited data
-    file, another tokenizer or length policy, or another order changes it."""
+    the order it is trained in (indices into `train`), the validation and the test examples. An
+    edited data file, another tokenizer or length policy, or another order changes it; the
+    learning rate and the other optimiser settings do not."""
     total = hashlib.sha256()
     for example in train:
         total.update(_example_digest(example))
     total.update(np.asarray(order, dtype=np.int64).tobytes())
     for example in validation:
         total.update(_example_digest(example))
+    if test:
+        total.update(b"test\0")
+        for example in test:
+            total.update(_example_digest(example))
     return total.hexdigest()[:16]
 
 

@@ -39,8 +39,9 @@ def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] =
     report = sweep_dir / "analysis" / "report.html"
     if results is not None and report.exists():
         lines.append(f"report:       {report}")
-        table = difference_table(results)
-        if not table.empty:
+        if hasattr(results, "summary_lines"):  # per value of a swept key, or tuned (analysis/tuning.py)
+            lines += results.summary_lines(difference_table)
+        elif not (table := difference_table(results)).empty:
             lines += ["", f"validation loss at step {results.final_step}, paired difference vs "
                           f"{results.options.reference} (per-example mean loss, example-weighted; "
                           "* = interval excludes 0, not adjusted for multiple comparisons):",

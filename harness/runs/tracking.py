@@ -14,14 +14,14 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from harness.artifacts import PARENT_ID_FILE, resolve_uri
+from harness.artifacts import PARENT_ID_FILE, TAG_SWEPT_KEYS, resolve_uri
 from harness.runs.signals import Interrupted
 from harness.runs.credentials import redact
 
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
 SWEEP_KEY_TAG = "sweep_key"  # on a sweep's parent run: a repeated sweep finds and reuses it
-SWEPT_KEYS_TAG = "swept_keys"  # on a sweep's parent run: the config keys whose value differs between its jobs
+SWEPT_KEYS_TAG = TAG_SWEPT_KEYS  # on a sweep's parent run: the config keys whose value differs between its jobs
 # A tracking server that goes away must not stall training for minutes per call (MLflow's
 # defaults: 7 retries with backoff factor 2 and a 120 s timeout). With these, a call to a dead
 # server gives up within about 20 s, the run fails and the sweep ends; set the variables to

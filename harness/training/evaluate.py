@@ -1,4 +1,5 @@
-"""Validation loss of every example, written where the analysis reads it (harness/artifacts.py)."""
+"""Validation (and, at the end, test) loss of every example, written where the analysis reads it
+(harness/artifacts.py)."""
 
 from __future__ import annotations
 
@@ -77,5 +78,23 @@ def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tra
         df.to_parquet(folder / name)
         tracker.artifact(folder / name, artifacts.EVAL_DIR)
     metrics = summary(df)
+    tracker.metrics(metrics, step=step)
+    return metrics
+
+
+def evaluate_test_and_log(model, examples, step: int, out_dir: Path, tracker, *, batch_size: int, layout: dict,
+                          device: torch.device, world: World, chunk_tokens: int | None,
+                          tokens_per_row: int | None = None) -> dict[str, float]:
+    """The test split, once, after the last step: `eval/test.parquet` and the metrics
+    test/token_loss and test/seq_loss (empty off rank 0)."""
+    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
+                  step=step, tokens_per_row=tokens_per_row, **layout)
+    if df is None:
+        return {}
+    folder = out_dir / artifacts.EVAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(folder / artifacts.TEST_EVAL)
+    tracker.artifact(folder / artifacts.TEST_EVAL, artifacts.EVAL_DIR)
+    metrics = {artifacts.TEST_METRIC_PREFIX + k.split("/", 1)[1]: v for k, v in summary(df).items()}
     tracker.metrics(metrics, step=step)
     return metrics

@@ -28,7 +28,7 @@ from harness.config import pair_key, row_length, validate
 from harness.runs.credentials import redact
 from harness.data.data_order import training_order
 from harness.training.compile_cache import cache_counters, start_counting, use_compile_cache
-from harness.training.evaluate import evaluate_and_log
+from harness.training.evaluate import evaluate_and_log, evaluate_test_and_log
 from harness.runs.fingerprint import config_fingerprint, data_fingerprint, params_fingerprint
 from harness.training.guard import StepGuard
 from harness.runs.jobs import claim_job
@@ -125,7 +125,7 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
         artifacts.TAG_SEED: str(cfg.seed),
         artifacts.TAG_PAIR: config_fingerprint(pair_key(cfg)),
         artifacts.TAG_INIT: params_fingerprint(model),
-        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val),
+        artifacts.TAG_DATA: data_fingerprint(data.train, [i for step in steps for i in step], data.val, data.test),
         artifacts.TAG_SCHEMA: artifacts.SCHEMA_VERSION,
         artifacts.TAG_CACHE: data.cache,
         artifacts.TAG_LOSS_SCALE: repr(float(loss_scale)),
@@ -268,14 +268,18 @@ def step_planner(cfg, run: Setup, world: distributed.World, device: torch.device
 
 
 def evaluator(cfg, run: Setup, world: distributed.World, device: torch.device, out_dir: Path):
-    """(step, tracker) -> the validation metrics, logged with the per-example losses."""
+    """(step, tracker) -> the validation metrics, logged with the per-example losses; after the
+    last step the test split too (once, after validation: nothing of the run depends on it)."""
     t = cfg.trainer
     layout = dict(pad_id=run.pad_id, packing=cfg.data.packing, row_length=row_length(cfg.data))
+    shared = dict(batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
+                  chunk_tokens=run.chunk_tokens, tokens_per_row=run.split.tokens_per_micro_batch)
 
     def evaluate(step: int, tracker: RunLogger) -> dict[str, float]:
-        return evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker,
-                                batch_size=t.eval_batch_size, layout=layout, device=device, world=world,
-                                chunk_tokens=run.chunk_tokens, tokens_per_row=run.split.tokens_per_micro_batch)
+        metrics = evaluate_and_log(run.model, run.data.val, step, step == t.max_steps, out_dir, tracker, **shared)
+        if step == t.max_steps:
+            evaluate_test_and_log(run.model, run.data.test, step, out_dir, tracker, **shared)
+        return metrics
     return evaluate
 
 
@@ -462,7 +466,8 @@ def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world
     tracker.params(flat_params(cfg))
     tracker.artifact(out_dir / "resolved_config.yaml")
     tracker.metrics({f"data/{k}": v for k, v in data.counts.items()} | {
-        "data/train_examples": len(data.train), "data/val_examples": len(data.val)}, step=0)
+        "data/train_examples": len(data.train), "data/val_examples": len(data.val),
+        "data/test_examples": len(data.test)}, step=0)
 
 
 def log_step(record, scheduler, meter: Throughput, step: int, tracker: RunLogger, progress) -> None:

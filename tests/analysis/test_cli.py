@@ -63,7 +63,7 @@ def test_report_plots_and_tables_are_written_and_logged(tmp_path, store):
     ("no_artifacts", "has no per-example validation artifacts"),
     ("empty_buckets", "leaves empty buckets"),
     ("no_parent", "no run 0123456789abcdef"),
-    ("old_schema", "have artifact schema ['0'], this analysis reads schema 1"),
+    ("old_schema", "have artifact schema ['0'], this analysis reads schemas 1, 2"),
 ])
 def test_bad_selection_fails_in_one_line_leaving_nothing(tmp_path, case, expected):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -56,7 +56,8 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
         assert run["metrics.train/clipped_fraction"] == pytest.approx(sum(clipped) / 6)
         assert run["metrics.train/grad_norm_median"] == pytest.approx(float(np.median(norms)), rel=1e-6)
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert names == {"eval/step_00000003.parquet", "eval/step_00000006.parquet", "eval/final.parquet"}
+    assert names == {"eval/step_00000003.parquet", "eval/step_00000006.parquet", "eval/final.parquet",
+                     "eval/test.parquet"}  # the test split, once, at the end
     assert "resolved_config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     final = pd.read_parquet(client.download_artifacts(run_id, "eval/final.parquet", str(tmp_path)))
     assert len(final) == 24 and final.example_id.is_unique

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.load import RUN_METRICS
+from analysis.load import RUN_METRICS, param_columns
 from harness import artifacts
 from tests.helpers.store import new_store
 
@@ -18,7 +18,10 @@ def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True, experiment: str
     found = client.get_experiment_by_name(experiment)
     exp = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=(tmp / "artifacts" / experiment).as_uri())
-    parent = client.create_run(exp, run_name="sweep").info.run_id
+    params = param_columns(data.runs)  # config keys, e.g. trainer.lr: logged as the runs' params
+    swept = [k for k in params if data.runs[k].nunique() > 1]
+    parent = client.create_run(exp, run_name="sweep", tags={artifacts.TAG_SWEPT_KEYS: ",".join(
+        ["reduce_loss", "seed", *swept])}).info.run_id
     for run in data.runs.itertuples():
         tags = {k: getattr(run, k) for k in artifacts.RUN_TAGS}
         for k in (artifacts.TAG_FLAG, artifacts.TAG_FLAG_REASON, artifacts.TAG_ERROR):  # when the run has them
@@ -26,11 +29,17 @@ def log_sweep(uri: str, tmp: Path, data, with_eval: bool = True, experiment: str
                 tags[k] = getattr(run, k)
         child = client.create_run(exp, run_name=run.run_name, tags=tags | {"mlflow.parentRunId": parent}).info.run_id
         folder = tmp / "files" / child
+        for key in params:
+            if pd.notna(data.runs.at[run.Index, key]):
+                client.log_param(child, key, str(data.runs.at[run.Index, key]))
         loss = data.curves[data.curves.run_id == run.run_id].value
         losses = [3.0 - 0.1 * step for step in (1, 2, 3)] if loss.notna().all() else [3.0, float("nan"), float("nan")]
         (folder / artifacts.EVAL_DIR).mkdir(parents=True)
         for step, part in data.evals[data.evals.run_id == run.run_id].groupby("step"):
             part[artifacts.EVAL_COLUMNS].to_parquet(folder / artifacts.EVAL_DIR / artifacts.eval_file(step))
+        if not data.tests.empty:  # the test split (schema 2)
+            test = data.tests[data.tests.run_id == run.run_id]
+            test[artifacts.EVAL_COLUMNS].to_parquet(folder / artifacts.EVAL_DIR / artifacts.TEST_EVAL)
         if with_eval:
             client.log_artifacts(child, str(folder / artifacts.EVAL_DIR), artifacts.EVAL_DIR)
         grads = data.grad_weights[data.grad_weights.run_id == run.run_id][artifacts.GRAD_WEIGHT_COLUMNS]

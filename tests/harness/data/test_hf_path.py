@@ -60,7 +60,7 @@ def assets(tmp_path_factory):
     torch.manual_seed(12345)  # the checkpoint's weights, whatever earlier tests left in the global generator
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rows = {split: [{"id": f"{split}_{i}", "source": "unit", "messages": conversation(i)} for i in range(n)]
-            for split, n in (("train", 40), ("validation", 12))}
+            for split, n in (("train", 40), ("validation", 12), ("test", 8))}
     files = {}
     for split, items in rows.items():
         files[split] = root / f"{split}.jsonl"
@@ -72,6 +72,7 @@ def data_cfg(files, **over):
     base = OmegaConf.load(CONF_DIR / "data" / "hf.yaml")
     return OmegaConf.merge(base, {"path": "json", "data_files": {k: str(v) for k, v in files.items()},
                                   "val_split": "validation", "id_column": "id", "max_seq_len": MAX_SEQ_LEN,
+                                  "test_split": "test" if "test" in files else None,
                                   "cache_dir": str(files["train"].parent / "cache")}, over)
 
 
@@ -131,7 +132,7 @@ def test_editing_a_data_file_in_place_changes_the_cache_and_the_fingerprint(asse
         return data, data_fingerprint(data.train, order, data.val), set((tmp_path / "cache").glob("*.arrow"))
 
     first, first_fp, first_cache = prepared()
-    assert first.cache == "built" and len(first_cache) == 2
+    assert first.cache == "built" and len(first_cache) == 3  # train, validation, test
     monkeypatch.setattr(tokenise, "_BUILT", set())  # a later command
     again, again_fp, again_cache = prepared()
     assert again.cache == "reused" and again_cache == first_cache and again_fp == first_fp
@@ -141,7 +142,7 @@ def test_editing_a_data_file_in_place_changes_the_cache_and_the_fingerprint(asse
     train.write_text("".join(json.dumps(r) + "\n" for r in edited))  # same path, new content
     monkeypatch.setattr(tokenise, "_BUILT", set())
     after, after_fp, after_cache = prepared()
-    assert after.cache == "built" and len(after_cache - first_cache) == 2
+    assert after.cache == "built" and len(after_cache - first_cache) == 3
     assert after_fp != first_fp
     tokens = {e.example_id: e.input_ids for e in after.train}
     assert "EDITED" in tok.decode(tokens["train_3"])
@@ -156,6 +157,29 @@ def test_the_data_fingerprint_follows_content_and_order():
     changed = make_examples([5, 9, 7])
     changed[1].input_ids[4] += 1  # one token of an example the order never reaches
     assert data_fingerprint(a, [0, 2], b) != data_fingerprint(changed, [0, 2], b)
+    assert data_fingerprint(a, [0, 2], b, b[:1]) != data_fingerprint(a, [0, 2], b, b[1:])  # test set
+    assert data_fingerprint(a, [0, 2], b, b[:1]) != data_fingerprint(a, [0, 2], b)
+
+
+def test_a_test_split_named_or_drawn_from_what_trains(assets):
+    """data.test_split names one; else data.test_fraction of what is left of data.split after
+    validation, drawn with data.seed: validation stays as it was, no id is on two sides."""
+    root, model_dir, files, rows = assets
+    tok = load_tokenizer(model_cfg(model_dir))
+    named = prepare_data(data_cfg(files, max_seq_len=10_000), tok)
+    assert [e.example_id for e in named.test] == [f"test_{i}" for i in range(8)] and len(named.train) == 40
+    only_train = {"train": files["train"]}
+    drawn = prepare_data(data_cfg(only_train, val_split=None, val_fraction=0.25, test_fraction=0.2,
+                                  max_seq_len=10_000), tok)
+    ids = {name: {e.example_id for e in getattr(drawn, name)} for name in ("train", "val", "test")}
+    assert (len(ids["val"]), len(ids["test"]), len(ids["train"])) == (10, 6, 24)
+    assert not (ids["test"] & ids["train"]) and not (ids["test"] & ids["val"])
+    assert ids["train"] | ids["val"] | ids["test"] == {f"train_{i}" for i in range(40)}
+    again = prepare_data(data_cfg(only_train, val_split=None, val_fraction=0.25, test_fraction=0.4,
+                                  max_seq_len=10_000), tok)
+    assert {e.example_id for e in again.val} == ids["val"]  # validation does not depend on the test fraction
+    with pytest.raises(DataError, match="data.test_split='nope' not found"):
+        prepare_data(data_cfg(files, test_split="nope"), tok)
 
 
 def bad_rows(case: str) -> bytes:
@@ -210,9 +234,12 @@ def test_a_type_change_that_pyarrow_reports_in_its_own_block_is_found_in_the_fil
 
 
 def hf_args(model_dir, files, cache_dir, *extra):
-    """CLI overrides; `files` is {train, validation} or one file split by data.val_fraction."""
-    source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']}}}", "data.val_split=validation"]
-              if isinstance(files, dict) else [f"data.data_files={files}", "data.val_fraction=0.25"])
+    """CLI overrides; `files` is {train, validation, test} or one file split by data.val_fraction and
+    data.test_fraction."""
+    source = ([f"data.data_files={{train:{files['train']},validation:{files['validation']},test:{files['test']}}}",
+               "data.val_split=validation", "data.test_split=test"]
+              if isinstance(files, dict) else [f"data.data_files={files}", "data.val_fraction=0.25",
+                                               "data.test_fraction=0.2"])
     return ["model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32",
             "data=hf", "data.path=json", *source, "data.id_column=id", f"data.max_seq_len={MAX_SEQ_LEN}",
             "data.truncation=drop", f"data.cache_dir={cache_dir}",
@@ -230,7 +257,7 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     first = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     cached = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
-    assert len(cached) == 2  # train and validation
+    assert len(cached) == 3  # train, validation and test
     second = run_cli(hf_args(model_dir, files, cache, "seed=1"), tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == cached
@@ -257,7 +284,7 @@ def test_cli_trains_on_hf_model_and_json_data_and_reuses_tokenisation(assets, tm
     write_jsonl(files["train"], edited)
     third = run_cli(hf_args(model_dir, files, cache), tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert len(set(cache.glob("*.arrow")) - set(cached)) == 2
+    assert len(set(cache.glob("*.arrow")) - set(cached)) == 3
     runs = mlflow.search_runs(search_all_experiments=True).sort_values("start_time", ignore_index=True)
     assert runs["tags.tokenisation_cache"].iloc[2] == "built"
     assert runs["tags.data_fingerprint"].iloc[2] != runs["tags.data_fingerprint"].iloc[0]

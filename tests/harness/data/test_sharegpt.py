@@ -38,7 +38,7 @@ def data_cfg(path, cache_dir, **over):
 
 
 def all_rows(source):
-    return {r["example_id"]: r for split in (source.train, source.val) for r in split}
+    return {r["example_id"]: r for split in (source.train, source.val, source.test) for r in split}
 
 
 def test_recovers_complete_records_maps_roles_and_counts_what_it_skips(tmp_path):
@@ -52,7 +52,8 @@ def test_recovers_complete_records_maps_roles_and_counts_what_it_skips(tmp_path)
     source = load_source(data_cfg(path, tmp_path / "cache", val_fraction=0.5))
     assert source.counts == {"recovered": 10, "cut_off": 1, "malformed": 1, "empty": 1, "other_role": 1,
                              "no_assistant": 1, "leading_assistant_dropped": 1,
-                             "train_conversations": len(source.train), "validation_conversations": len(source.val)}
+                             "train_conversations": len(source.train), "validation_conversations": len(source.val),
+                             "test_conversations": len(source.test)}
     rows = all_rows(source)
     assert sorted(rows) == ["a_0", "a_1", "b_0", "c_0", "g_0", "g_0#1"]
     def ours(turns):
@@ -76,16 +77,20 @@ def test_validation_split_by_source_id_is_stable_and_keeps_parts_together(tmp_pa
     records = many_conversations(300)
     path = write_cut_off(tmp_path / "sg.json", records, CUT)
     source = load_source(data_cfg(path, tmp_path / "cache", val_fraction=0.3))
-    train, val = set(source.train["example_id"]), set(source.val["example_id"])
-    assert len(train) + len(val) == 300 and not train & val
-    base = {i.rsplit("_", 1)[0] for i in train}, {i.rsplit("_", 1)[0] for i in val}
-    assert not base[0] & base[1]  # no conversation on both sides
+    train, val, test = set(source.train["example_id"]), set(source.val["example_id"]), set(source.test["example_id"])
+    assert len(train) + len(val) + len(test) == 300 and not train & val and not test & (train | val)
+    base = {i.rsplit("_", 1)[0] for i in train}, {i.rsplit("_", 1)[0] for i in val}, {i.rsplit("_", 1)[0] for i in test}
+    assert not base[0] & base[1] and not base[2] & (base[0] | base[1])  # no conversation on two sides
+    assert 0.02 < len(test) / 300 < 0.1  # test_fraction 0.05
+    # the test split comes out of what trained: validation is the same with or without it
+    wider = load_source(data_cfg(path, tmp_path / "cache", val_fraction=0.3, test_fraction=0.2))
+    assert set(wider.val["example_id"]) == val and set(wider.test["example_id"]) > test
     assert any(i.endswith("_1") for i in val) and any(i.endswith("_1") for i in train)
     assert 0.2 < len(val) / 300 < 0.4
     # the split of a source id depends on that id and the seed only: fewer examples, same sides
     fewer = load_source(data_cfg(path, tmp_path / "cache", val_fraction=0.3, max_examples=100))
     assert set(fewer.val["example_id"]) <= val and set(fewer.train["example_id"]) <= train
-    assert len(fewer.train) + len(fewer.val) == 100
+    assert len(fewer.train) + len(fewer.val) + len(fewer.test) == 100
     other_seed = load_source(data_cfg(path, tmp_path / "cache", val_fraction=0.3, seed=7))
     assert set(other_seed.val["example_id"]) != val
 
@@ -104,9 +109,10 @@ def test_loss_covers_every_assistant_turn(tmp_path):
     records = many_conversations(30)
     path = write_cut_off(tmp_path / "sg.json", records, CUT)
     tok = build_char_tokenizer()
-    data = prepare_data(data_cfg(path, tmp_path / "cache", max_seq_len=10_000, val_fraction=0.2), tok)
+    data = prepare_data(data_cfg(path, tmp_path / "cache", max_seq_len=10_000, val_fraction=0.2,
+                                 test_fraction=0.2), tok)
     by_id = {r["id"]: r["conversations"] for r in records}
-    assert len(data.train) + len(data.val) == 30
+    assert len(data.train) + len(data.val) + len(data.test) == 30 and data.test
     assert data.counts["source/recovered"] == 30 and data.counts["source/cut_off"] == 1
     for ex in data.train + data.val:
         turns = by_id[ex.example_id]
@@ -209,6 +215,6 @@ def test_packaged_file_recovers_the_known_counts(tmp_path):
     source = load_source(data_cfg(None, tmp_path / "cache"))
     c = source.counts
     assert c["recovered"] == 17_671 and c["cut_off"] == 1 and c["empty"] == 126
-    ids = list(source.train["example_id"]) + list(source.val["example_id"])
-    assert len(ids) == len(set(ids)) == c["train_conversations"] + c["validation_conversations"]
+    ids = list(source.train["example_id"]) + list(source.val["example_id"]) + list(source.test["example_id"])
+    assert len(ids) == len(set(ids)) == c["train_conversations"] + c["validation_conversations"] + c["test_conversations"]
     assert c["recovered"] - c["empty"] - c["other_role"] - c["no_assistant"] - c["malformed"] == len(ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from analysis import plots, report
+from analysis import mlflow_view, plots, report
 from analysis.compute import Options, Results, analyse
 from analysis.load import AnalysisError, load, select_runs
 
@@ -42,7 +42,9 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if parent_run_id:
-        MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
+        client = MlflowClient(uri)
+        client.log_artifacts(parent_run_id, str(out), "analysis")
+        mlflow_view.describe_sweep(client, parent_run_id, results, plot="paired_difference.png" in images)
     log.info("analysis of %d runs written to %s", len(runs), out.resolve())
     return results
 

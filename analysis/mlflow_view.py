@@ -9,7 +9,6 @@ and `set_description(client, run_id, sections)` writes them to the run.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -19,7 +18,6 @@ from mlflow.tracking import MlflowClient
 from analysis import report
 from analysis.compute import Results
 
-log = logging.getLogger(__name__)
 NOTE_TAG = "mlflow.note.content"
 MAX_CHARS = 8000  # MLflow's limit on a run tag's value
 REPORT = "analysis/report.md"  # the report, as logged to the parent run (analysis/run.py)

@@ -163,7 +163,8 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert parents.status.iloc[0] == "FAILED"
     summary = proc.stdout[proc.stdout.index("== sweep finished WITH FAILURES =="):]
     assert "FAILED: ['reduce_loss=sum'" in summary and "injected failure" in summary
-    assert "mlflow ui --backend-store-uri sqlite:///" in summary.splitlines()[-1]
+    assert "mlflow ui --backend-store-uri sqlite:///" in summary.splitlines()[-2]
+    assert summary.splitlines()[-1].startswith("then browse:   http://127.0.0.1:5000/#/experiments/")  # a failed sweep too
 
 
 @pytest.mark.slow

@@ -24,8 +24,8 @@ REFERENCES = ("mean", "token_mean", "sum", "seq_mean")  # the default reference,
 
 @dataclass
 class Options:
-    bucket_by: str = "seq_len"  # seq_len | target_tokens
-    buckets: int = 6  # equal-count quantile buckets of the validation set ...
+    bucket_by: str = artifacts.BUCKET_BY  # seq_len | target_tokens
+    buckets: int = artifacts.BUCKETS  # equal-count quantile buckets of the validation set ...
     edges: list[float] | None = None  # ... unless fixed inner edges are given
     reference: str | None = None  # None: the first of REFERENCES among the runs
     allow_unpaired: bool = False
@@ -108,32 +108,22 @@ def check_pairs(data: RunData, allow_unpaired: bool) -> tuple[pd.DataFrame, bool
 
 
 def bucket_edges(values: np.ndarray, opts: Options) -> np.ndarray:
-    """Bucket edges [lo, e1, ..., hi] computed once from the validation examples."""
+    """Bucket edges [lo, e1, ..., hi] computed once from the validation examples
+    (harness/artifacts.py: the runs' per-bucket metrics use the same function)."""
     if opts.edges:
         asked = np.unique(np.asarray(opts.edges, dtype=float))
-        inner = asked[(asked > values.min()) & (asked <= values.max())]  # edges outside the data make empty buckets
-        if len(inner) < len(asked):
+        outside = asked[(asked <= values.min()) | (asked > values.max())]
+        if len(outside):
             log.warning("--edges %s outside the validation %s range %g-%g left out",
-                        ",".join(f"{e:g}" for e in np.setdiff1d(asked, inner)), opts.bucket_by, values.min(), values.max())
-        edges = np.concatenate([[values.min()], inner, [values.max() + 1]])
-    else:
-        edges = np.quantile(values, np.linspace(0, 1, opts.buckets + 1))
-        edges[-1] += 1  # the top bucket includes the maximum
-    counts = np.bincount(assign(values, edges), minlength=len(edges) - 1)
-    if (np.diff(edges) <= 0).any() or (counts == 0).any():
-        raise AnalysisError(
-            f"bucketing {opts.bucket_by} with edges {np.round(edges, 1).tolist()} leaves empty buckets; "
-            "ask for fewer buckets or other --edges"
-        )
-    return edges
+                        ",".join(f"{e:g}" for e in outside), opts.bucket_by, values.min(), values.max())
+    try:
+        return artifacts.bucket_edges(values, opts.buckets, opts.edges)
+    except artifacts.BucketError as e:
+        raise AnalysisError(f"bucketing {opts.bucket_by} with {e} leaves empty buckets; ask for fewer buckets or other --edges") from None
 
 
-def assign(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
-
-
-def bucket_labels(edges: np.ndarray) -> list[str]:
-    return [f"{int(np.ceil(lo))}-{int(np.ceil(hi)) - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
+assign = artifacts.assign_buckets
+bucket_labels = artifacts.bucket_labels
 
 
 def seed_example_interval(mean, seeds, examples, ss_seed, ss_example, ss_residual, confidence: float):

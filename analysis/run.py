@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from analysis import plots, report, tuning
+from analysis import mlflow_view, plots, report, tuning
 from analysis.compute import Options, Results, analyse
 from analysis.load import AnalysisError, load, parent_swept_keys, select_runs
 
@@ -50,9 +50,11 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if parent_run_id:
-        MlflowClient(uri).log_artifacts(parent_run_id, str(out), "analysis")
+        client = MlflowClient(uri)
+        client.log_artifacts(parent_run_id, str(out), "analysis")
         if isinstance(results, tuning.Sweep):
-            tuning.log_to_parent(MlflowClient(uri), parent_run_id, results)
+            tuning.log_to_parent(client, parent_run_id, results)
+        mlflow_view.describe(client, parent_run_id, results, images)
     log.info("analysis of %d runs written to %s", len(runs), out.resolve())
     return results
 

@@ -76,6 +76,29 @@ class Sweep:
         """What the sweep prints at its end (harness/runs/summary.py gives its `difference_table`)."""
         return summary_lines(self, difference_table)
 
+    def description_sections(self) -> list:
+        """The parent run's description (analysis/mlflow_view.py): how the runs are compared, then
+        the tuned choice and the comparison at the chosen values, or each value's comparison."""
+        from analysis.mlflow_view import Section, sweep_sections
+        if self.tuned is not None:
+            t = self.tuned
+            split = "validation split" if t.same_split else "test split"
+            return [Section(f"Each reduction at its own {t.key}", "\n\n".join(tuned_sentences(self)),
+                            grid_table(t))] + \
+                [replace(s, heading=f"{s.heading} ({split}, each mode at its chosen {t.key})")
+                 for s in sweep_sections(t.test)]
+        out = [Section("How the runs are compared", self.note)]
+        for values, res in self.per_value:
+            label = ", ".join(f"{k}={v}" for k, v in values.items())
+            out += [replace(s, heading=f"{label}: {s.heading}") for s in sweep_sections(res)[:1]]
+        return out
+
+    def description_plot(self) -> str | None:
+        """The plot the description shows, among the analysis folder's images."""
+        if self.tuned is not None:
+            return "tuned_paired_difference.png"
+        return f"paired_difference_{_slug(self.per_value[0][0])}.png" if self.per_value else None
+
 
 def analyse_sweep(data: RunData, opts: Options, *, tune: str | None = None, select_by: str = "token",
                   swept: list[str] = ()) -> Sweep | None:

@@ -2,10 +2,12 @@
 analysis reads. Torch-free, so the analysis imports it without the training stack.
 
 A run is an MLflow child run of its sweep's parent run, tagged with `RUN_TAGS`, holding
-- `eval/step_<8 digits>.parquet` at every evaluation and `eval/final.parquet` (EVAL_COLUMNS),
+- `eval/step_<8 digits>.parquet` at every evaluation and `eval/final.parquet` (EVAL_COLUMNS;
+  also as `eval/final.csv`, for reading in MLflow's UI),
 - `eval/test.parquet` (EVAL_COLUMNS): the test split, evaluated once at the end (schema 2 on),
 - `train/train_grad_weight.parquet` (GRAD_WEIGHT_COLUMNS),
-- the metric `train/loss` (token-mean NLL of each step),
+- the metric `train/loss` (token-mean NLL of each step), and at every evaluation the validation
+  losses overall and per length bucket (VAL_BUCKET_METRICS),
 - at the end, the metrics `train/clipped_fraction` (share of all steps whose gradient was
   clipped) and `train/grad_norm_median` (median pre-clip gradient norm over all steps),
 - the tag `loss_scale` and metric `train/loss_scale`: `sum`'s token weight (`auto` resolved).
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import numpy as np
 
 SCHEMA_VERSION = "2"  # bump when a name or column below changes meaning
 READABLE_SCHEMAS = ("1", "2")  # what the analysis reads: 1 is 2 without the test split
@@ -58,6 +62,7 @@ EVAL_DIR = "eval"
 FINAL_EVAL = "final.parquet"
 TEST_EVAL = "test.parquet"  # the test split's per-example losses after the last step, in EVAL_DIR
 TEST_METRIC_PREFIX = "test/"  # test/token_loss, test/seq_loss at the last step
+FINAL_EVAL_CSV = "final.csv"  # the same rows as CSV, which MLflow's artifact view shows as a table
 EVAL_COLUMNS = ["example_id", "seq_len", "target_tokens", "loss_sum", "loss_mean"]
 _STEP_FILE = re.compile(r"^step_(\d{8})\.parquet$")
 
@@ -70,6 +75,54 @@ TRAIN_LOSS_METRIC = "train/loss"
 CLIPPED_FRACTION_METRIC = "train/clipped_fraction"
 GRAD_NORM_MEDIAN_METRIC = "train/grad_norm_median"
 LOSS_SCALE_METRIC = "train/loss_scale"
+
+
+# Length buckets: the analysis's default, which a run also uses for its per-bucket validation
+# metrics (VAL_BUCKET_METRICS), so both cut the validation set at the same edges.
+BUCKET_BY = "seq_len"  # the example column bucketed by default (or target_tokens)
+BUCKETS = 6  # equal-count quantile buckets of the validation set
+# Per evaluation and bucket: token-weighted and example-weighted mean NLL, e.g. val/token_loss/b1_69-73.
+VAL_BUCKET_METRICS = {"token_loss": "val/token_loss/{bucket}", "example_loss": "val/seq_loss/{bucket}"}
+
+
+class BucketError(ValueError):
+    """The asked-for buckets of a set of lengths would leave some bucket empty (the message: the edges)."""
+
+
+def bucket_edges(values, buckets: int = BUCKETS, inner: list[float] | None = None) -> np.ndarray:
+    """Bucket edges [lo, e1, ..., hi] of `values` (the validation examples' lengths, one per
+    example): `buckets` equal-count quantile buckets, or the fixed `inner` edges (those outside
+    the values' range are left out). The top edge lies above the maximum. Raises BucketError when
+    a bucket would be empty."""
+    values = np.asarray(values, dtype=float)
+    if inner:
+        asked = np.unique(np.asarray(inner, dtype=float))
+        kept = asked[(asked > values.min()) & (asked <= values.max())]  # edges outside the data make empty buckets
+        edges = np.concatenate([[values.min()], kept, [values.max() + 1]])
+    else:
+        edges = np.quantile(values, np.linspace(0, 1, buckets + 1))
+        edges[-1] += 1  # the top bucket includes the maximum
+    counts = np.bincount(assign_buckets(values, edges), minlength=len(edges) - 1)
+    if (np.diff(edges) <= 0).any() or (counts == 0).any():
+        raise BucketError(f"edges {np.round(edges, 1).tolist()}")
+    return edges
+
+
+def assign_buckets(values, edges: np.ndarray) -> np.ndarray:
+    """The bucket (0, 1, ...) of each value."""
+    return np.clip(np.searchsorted(edges, np.asarray(values, dtype=float), side="right") - 1, 0, len(edges) - 2)
+
+
+def bucket_labels(edges: np.ndarray) -> list[str]:
+    """`69-73`: the lengths a bucket holds, both ends included."""
+    return [f"{int(np.ceil(lo))}-{int(np.ceil(hi)) - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def bucket_keys(labels: list[str]) -> list[str]:
+    """Names that sort as the buckets do, for MLflow's metric names: `b1_69-73`, ..., `b6_242-427`
+    (zero-padded from ten buckets on: `b01_`)."""
+    width = len(str(len(labels)))
+    return [f"b{i + 1:0{width}d}_{label}" for i, label in enumerate(labels)]
 
 
 def eval_file(step: int) -> str:

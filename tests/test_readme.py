@@ -151,6 +151,13 @@ COMMANDS = {
         "on a store of simulated runs"),
     "python -m harness -m +experiment=gpu_100m trainer.lr=3e-4,6e-4,1.2e-3": NotRun("needs a GPU"),
     "python -m harness -m +experiment=sharegpt_smollm2 trainer.lr=5e-5,1e-4,2e-4": NotRun(f"needs {SHAREGPT_REAL}"),
+    # docs/mlflow-ui.md
+    "python -m harness -m reduce_loss=mean,sum seed=0,1,2": RunBy(
+        "tests/harness/test_cli.py::test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts",
+        "seed=0,1 with QUICK settings; the link and description it leaves are checked there"),
+    "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000": RunBy(
+        "tests/harness/launch/test_mlflow_ui.py::test_the_printed_link_opens_the_sweeps_runs_and_its_answer",
+        "on a free port of 127.0.0.1, the printed link opened in headless Chromium"),
 }
 
 

@@ -15,15 +15,15 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import parent_run_id, resolve_uri
+from harness.artifacts import bucket_keys, parent_run_id, resolve_uri
 from harness.runs.credentials import redact
 from harness.distributed import world_from_env
 from harness.runs.fingerprint import config_fingerprint
 from harness.runs.jobs import end_orphans, sweep_lock_path
 from harness.launch.preflight import expand_jobs
 from harness.runs.summary import sweep_summary
-from harness.runs.tracking import (SWEEP_KEY_TAG, SWEPT_KEYS_TAG, job_values, server_gone, start_parent_run,
-                                   swept_keys)
+from harness.runs.tracking import (SWEEP_KEY_TAG, SWEPT_KEYS_TAG, job_values, runs_link, server_gone,
+                                   set_runs_view, start_parent_run, swept_keys)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class SweepTracking(Callback):
         logged = client.get_run(parent).data.params  # a repeated sweep reuses its parent: params stay as first logged
         client.log_batch(parent, params=[Param(k, v[:6000]) for k, v in
                                          (params | {"sweep_overrides": overrides}).items() if k not in logged])
+        set_runs_view(client, parent)  # the link the summary prints works from now on
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         self.jobs_ended += 1
@@ -132,7 +133,7 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not world_from_env().is_main:
             return
-        failed, results = list(self.failures), None
+        failed, results, link = list(self.failures), None, None
         uri = resolve_uri(config.tracking.uri)
         if server_gone(uri):
             failed.append(f"the MLflow server {uri} no longer answers: no analysis, and the sweep's runs stay "
@@ -150,12 +151,24 @@ class SweepTracking(Callback):
                 log.error("analysis of the sweep failed: %s", e)
                 failed.append(f"the analysis of the sweep: {e}")
             try:
+                link = self._runs_view(config)
+            except Exception as e:
+                failed.append(f"the view of the sweep's runs in MLflow: {type(e).__name__}: {e}")
+            try:
                 end_open_parent("FAILED" if failed else "FINISHED")
             except Exception as e:  # Hydra would only warn, and exit 0
                 failed.append(f"ending the sweep's MLflow run: {e}")
-        print(redact(sweep_summary(Path(config.hydra.sweep.dir), uri, results, failed, self.notes)), flush=True)
+        print(redact(sweep_summary(Path(config.hydra.sweep.dir), uri, results, failed, link, self.notes)), flush=True)
         if failed:
             sys.exit(1)
+
+    @staticmethod
+    def _runs_view(config: DictConfig) -> str | None:
+        """The view of the sweep's runs, now with their metrics as columns; the UI's link to it."""
+        parent, uri = parent_run_id(Path(config.hydra.sweep.dir)), resolve_uri(config.tracking.uri)
+        client = MlflowClient(uri)
+        view = set_runs_view(client, parent)
+        return runs_link(uri, client.get_run(parent).info.experiment_id, view)
 
     def _analyse(self, config: DictConfig):
         if not self.analyse:
@@ -190,8 +203,9 @@ def log_headline(client: MlflowClient, parent: str, results) -> None:
     reference and its interval (example-weighted), and how many intervals exclude zero."""
     final = results.paired_diff[results.paired_diff.step == results.final_step]
     metrics = {"distinguishable_buckets": float(final.distinguishable.sum())}
+    keys = bucket_keys(results.labels)  # b1_69-73, ...: MLflow lists them in the buckets' order
     for row in final.itertuples():
-        name = f"diff_vs_{results.options.reference}/{row.reduce_loss}/{results.labels[int(row.bucket)]}"
+        name = f"diff_vs_{results.options.reference}/{row.reduce_loss}/{keys[int(row.bucket)]}"
         metrics |= {name: row.diff, f"{name}/ci_low": row.ci_low, f"{name}/ci_high": row.ci_high}
     step = results.final_step
     client.log_batch(parent, metrics=[Metric(k, float(v), int(time.time() * 1000), step)

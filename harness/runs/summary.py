@@ -30,9 +30,11 @@ def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] = (), notes: list[str] = ()) -> str:
+def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] = (), link: str | None = None,
+                  notes: list[str] = ()) -> str:
     """The lines a sweep ends with. `results`: the analysis (analysis/compute.py Results), or
-    None when there is none; `notes`: lines that say why (no failure)."""
+    None when there is none; `link`: the UI's page of the sweep's runs (harness/runs/tracking.py
+    runs_link), shown under the command that serves it; `notes`: lines that say why (no failure)."""
     sweep_dir = Path(sweep_dir).resolve()
     lines = ["", "== sweep finished ==" if not failures else "== sweep finished WITH FAILURES ==",
              f"sweep folder: {sweep_dir}"]
@@ -50,4 +52,6 @@ def sweep_summary(sweep_dir: Path, uri: str, results=None, failures: list[str] =
     for failure in failures:
         lines.append(f"FAILED: {failure}")
     lines += ["", f"open the runs: {mlflow_ui_command(uri)}"]
+    if link:
+        lines.append(f"then browse:   {link}" if not uri.startswith(("http://", "https://")) else f"in its UI:     {link}")
     return "\n".join(lines)

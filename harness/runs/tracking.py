@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
@@ -94,8 +96,16 @@ def store_lock(uri: str):
     return nullcontext()
 
 
-# MLflow 3's UI opens an experiment with this tag in its model-training view (not the GenAI one).
+# MLflow 3.0-3.x UIs open an experiment with this tag in their model-training view. The UIs of
+# MLflow 3.17 and 3.18 no longer read it: they take the view from the URL (`workflowType=` below),
+# else from the browser's last choice, else GenAI. Hence the link `runs_link` makes.
 MODEL_TRAINING = {"mlflow.experimentKind": "custom_model_development"}
+WORKFLOW_ML = "workflowType=machine_learning"
+SWEEP_TAG = "sweep_run_id"  # on a sweep's parent run and its children: the parent's id (one filter finds them all)
+# A view of the runs table that the UI loads from `?viewStateShareKey=<key>` (MLflow's "Share"
+# button writes the same): an experiment tag named this prefix + key, holding the view as JSON.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 def experiment_id(tracking_cfg) -> str:
@@ -109,6 +119,54 @@ def experiment_id(tracking_cfg) -> str:
             return experiment.experiment_id
         root = tracking_cfg.get("artifact_location") or _default_artifact_root(uri)
         return client.create_experiment(tracking_cfg.experiment, artifact_location=root, tags=MODEL_TRAINING)
+
+
+def ui_base(uri: str) -> str | None:
+    """Where the MLflow UI of the store `uri` is: the server itself, or `mlflow ui` on its
+    default address for a local store; None for a store of another kind (e.g. databricks)."""
+    if uri.startswith(("http://", "https://")):
+        return redact(uri).rstrip("/")
+    if uri.startswith("databricks"):
+        return None
+    return LOCAL_UI  # SQLite, a database, a folder: `mlflow ui --backend-store-uri` serves them
+
+
+def runs_link(uri: str, experiment: str, view: str | None = None) -> str | None:
+    """The UI's page of the experiment's runs table, in its model-training view; with `view`,
+    the sweep's runs and columns (`set_runs_view`)."""
+    base = ui_base(uri)
+    if base is None:
+        return None
+    # the runs tab itself: the experiment's page redirects to it, keeping the view but not the viewStateShareKey
+    return f"{base}/#/experiments/{experiment}/runs?{WORKFLOW_ML}" + (f"&viewStateShareKey={view}" if view else "")
+
+
+def run_link(uri: str, experiment: str, run_id: str) -> str | None:
+    base = ui_base(uri)
+    return None if base is None else f"{base}/#/experiments/{experiment}/runs/{run_id}?{WORKFLOW_ML}"
+
+
+# Columns of the runs table that a sweep's view shows, before its metrics (`set_runs_view`).
+VIEW_COLUMNS = ["tags.`reduce_loss`", "tags.`seed`", "params.`trainer.lr`", "params.`loss_scale_value`",
+                "metrics.`val/token_loss`", "metrics.`val/seq_loss`"]
+VIEW_METRICS = re.compile(r"^(val/seq_loss/b\d+_|diff_vs_[^/]+/[^/]+/b\d+_[^/]*$)")  # per bucket, no intervals
+
+
+def set_runs_view(client: MlflowClient, parent_id: str) -> str:
+    """Store the view of the runs table that shows the sweep of parent run `parent_id`: its
+    parent and child runs, flat (a search filter, which MLflow shows unnested), the parent first,
+    with the modes, seeds, learning rates, validation losses (overall and per length bucket) and
+    the parent's per-bucket differences as columns. Returns the view's key (the parent's id)."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{SWEEP_TAG}` = '{parent_id}'", max_results=10_000)
+    metrics = sorted({k for r in [parent, *runs] for k in r.data.metrics if VIEW_METRICS.match(k)},
+                     key=lambda k: (k.startswith("diff_vs_"), k))  # the children's losses, then the parent's differences
+    view = {"searchFilter": f"tags.{SWEEP_TAG} = '{parent_id}'", "orderByKey": "tags.`mlflow.runName`",
+            "orderByAsc": False,  # `sweep ...` before `sum-...` and `mean-...`
+            "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+            "selectedColumns": VIEW_COLUMNS + [f"metrics.`{k}`" for k in metrics]}
+    client.set_experiment_tag(parent.info.experiment_id, SHARED_VIEW_PREFIX + parent_id, json.dumps(view))
+    return parent_id
 
 
 def runs_tagged(tracking_cfg, tag: str, value: str | None = None, status: str | None = None) -> list:
@@ -153,6 +211,7 @@ def start_parent_run(tracking_cfg, sweep_dir: Path, sweep_key: str, tags: dict[s
         else:
             run_id = client.create_run(exp, run_name=f"sweep {sweep_dir.name}",
                                        tags=tags | {SWEEP_KEY_TAG: sweep_key}).info.run_id
+        client.set_tag(run_id, SWEEP_TAG, run_id)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / PARENT_ID_FILE).write_text(run_id)
     return run_id
@@ -207,6 +266,8 @@ class RunLogger:
         if not self.enabled:
             return
         exp = experiment_id(tracking_cfg)
+        if parent_id is not None:
+            tags = tags | {SWEEP_TAG: parent_id}
         if resume_id is None:
             run = mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags, parent_run_id=parent_id)
         else:

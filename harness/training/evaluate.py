@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from harness.data.batching import collate, pack_into_rows
 from harness.distributed import World, all_reduce_sum, gather_to_main
 from harness.training.guard import NonFiniteError
 from harness.training.losses import per_example_sums, token_nll
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -61,6 +64,26 @@ def summary(df: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def bucket_summary(df: pd.DataFrame) -> dict[str, float]:
+    """Token- and example-weighted means per length bucket, the buckets cut as the analysis cuts
+    them by default (harness/artifacts.py), named so that they sort: `val/token_loss/b1_69-73`.
+    Empty when the validation set cannot be cut so (too few distinct lengths)."""
+    lengths = df[artifacts.BUCKET_BY].to_numpy(dtype=float)
+    try:
+        edges = artifacts.bucket_edges(lengths)
+    except artifacts.BucketError as e:
+        log.warning("no per-bucket validation metrics: %d buckets of %s with %s leave some empty", artifacts.BUCKETS,
+                    artifacts.BUCKET_BY, e)
+        return {}
+    keys = artifacts.bucket_keys(artifacts.bucket_labels(edges))
+    grouped = df.groupby(artifacts.assign_buckets(lengths, edges))
+    token_loss = grouped.loss_sum.sum() / grouped.target_tokens.sum()
+    example_loss = grouped.loss_mean.mean()
+    out = {}
+    for bucket, key in enumerate(keys):
+        out[artifacts.VAL_BUCKET_METRICS["token_loss"].format(bucket=key)] = float(token_loss[bucket])
+        out[artifacts.VAL_BUCKET_METRICS["example_loss"].format(bucket=key)] = float(example_loss[bucket])
+    return out
 
 
 def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
@@ -77,8 +100,11 @@ def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tra
     for name in [artifacts.eval_file(step)] + ([artifacts.FINAL_EVAL] if final else []):
         df.to_parquet(folder / name)
         tracker.artifact(folder / name, artifacts.EVAL_DIR)
+    if final:
+        df.to_csv(folder / artifacts.FINAL_EVAL_CSV, index=False)
+        tracker.artifact(folder / artifacts.FINAL_EVAL_CSV, artifacts.EVAL_DIR)
     metrics = summary(df)
-    tracker.metrics(metrics, step=step)
+    tracker.metrics(metrics | bucket_summary(df), step=step)
     return metrics
 
 

@@ -292,6 +292,9 @@ def start_run(cfg, run: Setup, job, tracker: RunLogger, out_dir: Path, world: di
     tracker.start(cfg.tracking, name, run.identity | {artifacts.TAG_JOB: job.key},
                   parent_run_id, resume_id=job.run_id, resume_step=done)
     log_config(cfg, run.data, out_dir, tracker, world)
+    # MLflow's views round a metric to two decimals (a loss_scale of 0.00103 shows as 0.00); the
+    # param beside the config's `loss_scale` (`auto`) shows the value used in full.
+    tracker.params({"loss_scale_value": run.identity[artifacts.TAG_LOSS_SCALE]})
     tracker.metrics({artifacts.LOSS_SCALE_METRIC: run.loss_scale}, step=0)
     if run.split.tokens_per_micro_batch is not None:
         tracker.metrics({"train/row_tokens": run.split.tokens_per_micro_batch,

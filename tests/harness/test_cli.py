@@ -39,6 +39,7 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     for seed, pair in children.groupby("tags.seed"):  # loss_scale=auto (the default): one value per pair
         assert pair["tags.loss_scale"].nunique() == 1 and 0 < float(pair["tags.loss_scale"].iloc[0]) < 0.1
         assert (pair["params.loss_scale"] == "auto").all()
+        assert (pair["params.loss_scale_value"] == pair["tags.loss_scale"]).all()  # in full: the UI rounds metrics
         assert (pair["metrics.train/loss_scale"] == float(pair["tags.loss_scale"].iloc[0])).all()
 
     client = MlflowClient()
@@ -57,7 +58,7 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
         assert run["metrics.train/grad_norm_median"] == pytest.approx(float(np.median(norms)), rel=1e-6)
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert names == {"eval/step_00000003.parquet", "eval/step_00000006.parquet", "eval/final.parquet",
-                     "eval/test.parquet"}  # the test split, once, at the end
+                     "eval/final.csv", "eval/test.parquet"}  # the test split, once, at the end
     assert "resolved_config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     final = pd.read_parquet(client.download_artifacts(run_id, "eval/final.parquet", str(tmp_path)))
     assert len(final) == 24 and final.example_id.is_unique
@@ -83,8 +84,10 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     summary = proc.stdout[proc.stdout.index("== sweep finished =="):].splitlines()
     assert f"sweep folder: {sweep_dir.resolve()}" in summary
     assert f"report:       {(sweep_dir / 'analysis' / 'report.html').resolve()}" in summary
-    assert summary[-1] == f"open the runs: mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
-    table = summary[summary.index(next(l for l in summary if l.startswith("validation loss at step 6"))) + 1:-2]
+    assert summary[-2] == f"open the runs: mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert summary[-1] == (f"then browse:   http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs?"
+                           f"workflowType=machine_learning&viewStateShareKey={parent_id}")
+    table = summary[summary.index(next(l for l in summary if l.startswith("validation loss at step 6"))) + 1:-3]
     assert "example-weighted" in summary[summary.index(table[0]) - 1] and "seeds" in table[0]
     analysed = pd.read_csv(sweep_dir / "analysis" / "paired_difference.csv")
     final = analysed[analysed.step == 6]
@@ -92,9 +95,27 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
     for row, (_, expected) in zip(table[1:], final.iterrows()):
         assert f"{expected['diff']:+.4f}" in row and f"{expected.ci_low:+.4f}" in row
         assert row.rstrip(" *").split()[-2:] == ["2", str(expected.examples)]  # seeds, examples
-    for _, expected in final.iterrows():  # the headline on the parent run
-        name = f"diff_vs_mean/sum/{expected.bucket_range}"
+    for _, expected in final.iterrows():  # the headline on the parent run, buckets named to sort: b1_69-73, ...
+        name = f"diff_vs_mean/sum/b{expected.bucket + 1}_{expected.bucket_range}"
         assert parent.data.metrics[name] == pytest.approx(expected["diff"])
+        assert parent.data.metrics[f"{name}/ci_low"] == pytest.approx(expected.ci_low)
+        assert parent.data.metrics[f"{name}/ci_high"] == pytest.approx(expected.ci_high)
+    # the answer in the parent's description, the same numbers
+    note = parent.data.tags["mlflow.note.content"]
+    for _, expected in final.iterrows():
+        assert f"| {expected.bucket_range} " in note and f"[{expected.ci_low:+.4f}, {expected.ci_high:+.4f}]" in note
+    assert "Above zero: the mode did worse than `mean`" in note and "analysis/report.md" in note
+    # each child logged its per-bucket validation losses at every evaluation, cut at the analysis's edges
+    labels = list(analysed[analysed.step == 6].sort_values("bucket").bucket_range)
+    first = pd.read_parquet(client.download_artifacts(run_id, "eval/final.parquet", str(tmp_path / "first")))
+    for i, label in enumerate(labels):
+        lo, hi = map(int, label.split("-"))
+        rows = first[(first.seq_len >= lo) & (first.seq_len <= hi)]
+        token = client.get_metric_history(run_id, f"val/token_loss/b{i + 1}_{label}")
+        example = client.get_metric_history(run_id, f"val/seq_loss/b{i + 1}_{label}")
+        assert [m.step for m in token] == [m.step for m in example] == [3, 6]
+        assert token[-1].value == pytest.approx(rows.loss_sum.sum() / rows.target_tokens.sum(), rel=1e-9)
+        assert example[-1].value == pytest.approx(rows.loss_mean.mean(), rel=1e-9)
     assert parent.data.metrics["distinguishable_buckets"] == final.distinguishable.sum()
     # each job said its final validation loss, as MLflow has it
     for _, run in children.iterrows():
@@ -143,7 +164,8 @@ def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     assert parents.status.iloc[0] == "FAILED"
     summary = proc.stdout[proc.stdout.index("== sweep finished WITH FAILURES =="):]
     assert "FAILED: ['reduce_loss=sum'" in summary and "injected failure" in summary
-    assert "mlflow ui --backend-store-uri sqlite:///" in summary.splitlines()[-1]
+    assert "mlflow ui --backend-store-uri sqlite:///" in summary.splitlines()[-2]
+    assert summary.splitlines()[-1].startswith("then browse:   http://127.0.0.1:5000/#/experiments/")  # a failed sweep too
 
 
 @pytest.mark.slow

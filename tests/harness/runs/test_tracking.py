@@ -58,3 +58,37 @@ def test_a_server_that_stops_answering_stops_the_retries_until_it_answers_again(
     assert tracking.server_gone("http://h:1", wait_s=0) is None
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert answers == []
+
+
+def test_the_link_opens_the_runs_tab_in_the_model_training_view():
+    from harness.runs.tracking import runs_link
+    assert runs_link("sqlite:////tmp/x/mlflow.db", "3", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=abc"
+    assert runs_link("http://user:secret@host:5001/", "3") == \
+        "http://***@host:5001/#/experiments/3/runs?workflowType=machine_learning"
+    assert runs_link("databricks", "3") is None
+
+
+def test_the_sweeps_view_lists_its_runs_and_their_bucket_columns(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.runs.tracking import SHARED_VIEW_PREFIX, SWEEP_TAG, set_runs_view
+    from tests.helpers.store import new_store
+    client = MlflowClient(new_store(tmp_path / "mlflow.db"))
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="sweep x").info.run_id
+    client.set_tag(parent, SWEEP_TAG, parent)
+    child = client.create_run(exp, run_name="mean-seed0", tags={SWEEP_TAG: parent}).info.run_id
+    client.log_metric(child, "val/seq_loss/b1_1-9", 2.0, step=3)
+    client.log_metric(child, "val/token_loss/b1_1-9", 2.0, step=3)
+    client.log_metric(parent, "diff_vs_mean/sum/b1_1-9", 0.1)
+    client.log_metric(parent, "diff_vs_mean/sum/b1_1-9/ci_low", 0.0)
+    assert set_runs_view(client, parent) == parent
+    view = json.loads(client.get_experiment(exp).tags[SHARED_VIEW_PREFIX + parent])
+    assert view["searchFilter"] == f"tags.{SWEEP_TAG} = '{parent}'"
+    found = client.search_runs([exp], view["searchFilter"])
+    assert sorted(r.info.run_name for r in found) == ["mean-seed0", "sweep x"]
+    metrics = [c for c in view["selectedColumns"] if c.startswith("metrics.")]
+    assert metrics[-2:] == ["metrics.`val/seq_loss/b1_1-9`", "metrics.`diff_vs_mean/sum/b1_1-9`"]

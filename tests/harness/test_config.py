@@ -81,7 +81,7 @@ def test_valid_settings_pass(argv):
 
 @pytest.mark.parametrize("argv, expected", [
     (["reduce_loss=median"], "reduce_loss='median' is not valid; choose one of: mean, sum, token_mean, seq_mean"),
-    (["model=nope"], "model=nope is not a known option; choose one of: hf, smollm2, tiny_llama"),
+    (["model=nope"], "model=nope is not a known option; choose one of: gemma3, hf, smollm2, tiny_llama"),
     (["data=nope"], "data=nope is not a known option; choose one of: hf, sharegpt, synthetic"),
     (["seed=abc"], "seed='abc' is not an integer"),
     (["trainer.batch_size=1"], "trainer.batch_size=1 leaves a rank without data"),

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR, GGUF_KINDS
+from harness.config import CONF_DIR, CONFIG_NAME, GGUF_KINDS, ConfigError, validate
 from harness.data.batching import Example, pack, pad
 from harness.data.chat_format import IGNORE, encode
 from harness.launch.preflight import InputError, check_command_line
@@ -101,6 +102,10 @@ def test_no_chat_template_is_one_line_before_anything_is_opened(tiny, tmp_path, 
         check_command_line([*argv, "model.chat_template=gema"])
     unset = model_cfg(tiny, cache)
     unset.chat_template = "???"  # as model=gemma3 has it
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        job = compose(CONFIG_NAME, overrides=argv)
+    with pytest.raises(ConfigError, match="model.chat_template is not set"):  # what the job checks first
+        validate(job)
     with pytest.raises(ModelError, match="model.chat_template is not set"):
         load_tokenizer(unset)
     assert list(tmp_path.iterdir()) == []  # nothing converted, no store, no sweep folder

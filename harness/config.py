@@ -26,6 +26,15 @@ class ConfigError(ValueError):
     pass
 
 
+GGUF_KINDS = ("smollm2", "gemma3")  # model kinds read from a GGUF file (harness/model/gguf_convert.py)
+
+
+def no_chat_template(kind: str) -> str:
+    """What a model config whose `chat_template` is required (`???`) and not given says."""
+    return (f"model.chat_template is not set, and model={kind}'s tokenizer has no chat template of its own; "
+            "give one: model.chat_template=gemma (Gemma's turn format), =chatml, or a Jinja template string")
+
+
 def _choice(key: str, value, valid) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
@@ -156,8 +165,12 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "float64"))
     if m.get("liger_kernels", False) is not False:
         _liger(m.liger_kernels, t.device)
-    if m.kind in ("hf", "smollm2"):
+    if m.kind in ("hf", *GGUF_KINDS):
         _choice("model.init", m.init, ("pretrained", "random"))
+        if OmegaConf.is_missing(m, "chat_template"):
+            raise ConfigError(no_chat_template(m.kind))
+    if m.kind in GGUF_KINDS and m.get("sha256") is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(m.sha256)):
+        raise ConfigError(f"model.sha256={m.sha256!r} is not a SHA-256 (64 hex digits); null checks nothing")
     if m.kind == "hf":
         if OmegaConf.is_missing(m, "name_or_path"):
             raise ConfigError("model.name_or_path is not set; give a Hub id or a local folder")

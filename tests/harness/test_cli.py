@@ -126,7 +126,7 @@ def test_sweep_makes_paired_runs_with_tags_metrics_and_artifacts(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("override, expected", [
     ("reduce_loss=median", "reduce_loss='median' is not valid; choose one of: mean, sum, token_mean, seq_mean"),
-    ("model=nope", "model=nope is not a known option; choose one of: hf, smollm2, tiny_llama"),
+    ("model=nope", "model=nope is not a known option; choose one of: gemma3, hf, smollm2, tiny_llama"),
     ("seed=abc", "seed='abc' is not an integer"),
     ("trainer.batch_size=1", "trainer.batch_size=1 leaves a rank without data"),
     ("loss_scale=0", "loss_scale=0 must be a number > 0"),

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The tuned ShareGPT studies (experiments/study_smollm2.yaml, study_gemma3.yaml and their _packed
+# controls; docs/study-gemma3.md) on a GPU machine that reaches no package index and takes at most
+# 64 MiB per call. The GGUF (SmolLM2: 98 MB; Gemma 3: 253 MB) goes over in pieces of at most
+# PIECE_MIB (default 56) MiB, one piece per call, in calls made back to back on one warm machine (it
+# keeps /tmp between calls); the data goes as the part of the ShareGPT file the studies use
+# (benchmarks/sharegpt_subset.py), gzipped; every piece and file is checked against its SHA-256.
+#
+# Here, once per model (needs pip install -e ".[real]" and the model's package):
+#   bash benchmarks/study_gpu.sh pack smollm2|gemma3
+#     -> .whl/ (the project's dependencies the image lacks, plus gguf), .study_gpu/<model>/call1 (the
+#        ShareGPT subset, the checksums and, for gemma3, the Gemma Terms of Use), call2 ... callN (the
+#        GGUF's pieces); it prints what each call carries
+# Then on the device, back to back, each call carrying what it names (a call may run other work
+# after receiving: `receive && ...`):
+#   bash benchmarks/study_gpu.sh receive                    carry [".whl", ".study_gpu/<model>/call1"]
+#   bash benchmarks/study_gpu.sh receive                    carry [".study_gpu/<model>/call2"]  ... to callN
+#   bash benchmarks/study_gpu.sh run PRESET [overrides]     (PRESET: study_smollm2, study_smollm2_packed,
+#                                                            study_gemma3, study_gemma3_packed)
+# `run` joins and checks the GGUF, installs the wheels, converts the model and tokenises the data (once
+# per machine), then runs `python -m harness -m +experiment=PRESET [overrides]` in
+# /tmp/study_gpu/work/PRESET for at most STUDY_BUDGET_S seconds (default 480; a job still training
+# then is stopped by SIGTERM, checkpointed, and continues on the next `run` on the same machine). It
+# leaves under $OUT the sweep's MLflow store (mlflow.db and mlartifacts/) as PRESET_store.tar.gz, the
+# log and the per-run summary (wall time, tokens/s, final losses). A store carried back as
+# .study_gpu/store/PRESET_store.tar.gz is restored first when the machine has none, so the same
+# command continues a sweep on a fresh machine: finished jobs are skipped.
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+packs="$repo/.study_gpu"
+store=/tmp/study_gpu
+DATA_NAME=sharegpt_subset.json
+PIECE_MIB=${PIECE_MIB:-56}
+TIMEFORMAT='wall %R s'
+
+gguf_name() {  # model -> the GGUF's file name
+  case "$1" in smollm2) echo SmolLM2-135M-Instruct.Q4_1.gguf ;; gemma3) echo gemma-3-270m-q4_k_m.gguf ;;
+    *) echo "error: unknown model '$1' (smollm2 or gemma3)" >&2; return 1 ;; esac
+}
+
+case "${1:-}" in
+pack)
+  set -e
+  model=${2:-}; name=$(gguf_name "$model")
+  cd "$repo"
+  out="$packs/$model"
+  rm -rf "$out" && mkdir -p "$out/call1"
+  python3 - "$model" "$out/call1" <<'PY'
+import shutil, sys
+from harness.model import gguf_convert
+model, dest = sys.argv[1], sys.argv[2]
+print(gguf_convert.packaged_gguf(model), file=open(f"{dest}/../gguf_path", "w"))
+for notice in gguf_convert.license_files(model):  # the Gemma Terms of Use travel with Gemma's weights
+    shutil.copy(notice, dest)
+PY
+  gguf=$(cat "$out/gguf_path") && rm "$out/gguf_path"
+  work=$(mktemp -d)
+  (cd "$work" && split -b "${PIECE_MIB}M" -d -a 2 "$gguf" "$name.piece")
+  n=1
+  for piece in "$work/$name".piece*; do n=$((n + 1)); mkdir -p "$out/call$n"; mv "$piece" "$out/call$n/"; done
+  rmdir "$work"
+  python3 "$repo/benchmarks/sharegpt_subset.py" "$out/$DATA_NAME" +experiment=study_smollm2
+  gzip -9 -n -c "$out/$DATA_NAME" > "$out/call1/$DATA_NAME.gz" && rm "$out/$DATA_NAME"
+  (cd "$(dirname "$gguf")" && sha256sum "$name") > "$out/call1/SHA256SUMS"
+  (cd "$out" && for f in call*/*; do [ "$(basename "$f")" = SHA256SUMS ] || sha256sum "$f" | sed "s| call[0-9]*/| |"; done) \
+    >> "$out/call1/SHA256SUMS"
+  wheelhouse=${WHEELHOUSE:-$repo/../shared/gpu/wheelhouse.sh}
+  if [ -d .whl ] && ls .whl/mlflow-*.whl >/dev/null 2>&1 && ls .whl/gguf-*.whl >/dev/null 2>&1; then
+    echo ".whl/ is there already"
+  elif [ -x "$wheelhouse" ]; then
+    mapfile -t deps < <(python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))")
+    "$wheelhouse" "${deps[@]}" 'gguf>=0.10'
+  else
+    echo "no wheelhouse script at $wheelhouse: build .whl/ with the project's dependencies and gguf yourself"
+  fi
+  tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+  for call in "$out"/call*; do
+    extra=(); [ "$(basename "$call")" = call1 ] && [ -d .whl ] && extra=(.whl)
+    bytes=$(du -cb "$call" "${extra[@]}" | tail -n 1 | cut -f1)
+    echo "$(basename "$call") carries ${extra[*]:+${extra[*]} and }.study_gpu/$model/$(basename "$call"): $((bytes + tree)) bytes with the working tree (limit 67108864)"
+  done
+  exit 0 ;;
+receive|run) ;;
+*) sed -n '2,30p' "$0"; exit 2 ;;
+esac
+
+# On the device from here on.
+cmd=$1; shift
+mkdir -p "$store"
+sums() { awk -v f="$1" '$2 == f' "$store/SHA256SUMS" 2>/dev/null; }  # the checksum line of file $1
+for f in "$packs"/*/call*/SHA256SUMS; do  # the checksums first, then the files they check
+  [ -f "$f" ] && { [ -f "$store/SHA256SUMS" ] && cat "$store/SHA256SUMS"; cat "$f"; } | sort -u -k2,2 > "$store/SHA256SUMS.new" &&
+    mv "$store/SHA256SUMS.new" "$store/SHA256SUMS"
+done
+for f in "$packs"/*/call*/*; do
+  base=$(basename "$f")
+  [ -f "$f" ] && [ "$base" != SHA256SUMS ] || continue
+  cp -f "$f" "$store/"
+  if [ -n "$(sums "$base")" ]; then
+    (cd "$store" && sums "$base" | sha256sum -c --quiet -) ||
+      { rm -f "$store/$base"; echo "error: $base arrived damaged (it fails its SHA-256): carry it again"; exit 1; }
+  fi
+done
+echo "received so far: $(cd "$store" && ls | tr '\n' ' ')"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="/tmp/site:$repo"
+if [ -d "$repo/.whl" ] && ls "$repo"/.whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$repo"/.whl/*.whl || exit 1
+fi
+[ "$cmd" = receive ] && exit 0
+
+preset=${1:-}; shift || true
+case "$preset" in study_smollm2|study_smollm2_packed) model=smollm2 ;; study_gemma3|study_gemma3_packed) model=gemma3 ;;
+  *) echo "error: run needs a preset: study_smollm2, study_smollm2_packed, study_gemma3 or study_gemma3_packed"; exit 2 ;; esac
+name=$(gguf_name "$model")
+if [ ! -f "$store/$name" ]; then
+  pieces=$(awk -v f="$name.piece" 'index($2, f) == 1' "$store/SHA256SUMS" 2>/dev/null | wc -l)
+  [ "$pieces" -gt 0 ] || { echo "error: $name's checksums never arrived: carry .study_gpu/$model/call1 first"; exit 1; }
+  for i in $(seq 0 $((pieces - 1))); do
+    p=$(printf '%s.piece%02d' "$name" "$i")
+    [ -f "$store/$p" ] || { echo "error: $p never arrived: make the receive calls back to back on one warm machine"; exit 1; }
+  done
+  cat "$store/$name".piece* > "$store/$name.joining" && mv "$store/$name.joining" "$store/$name" && rm -f "$store/$name".piece*
+fi
+[ -n "$(sums "$name")" ] && (cd "$store" && sums "$name" | sha256sum -c --quiet -) ||
+  { rm -f "$store/$name"; echo "error: the joined $name fails its SHA-256: carry its pieces again"; exit 1; }
+[ -f "$store/$DATA_NAME" ] || gunzip -k "$store/$DATA_NAME.gz" || exit 1
+nvidia-smi -L
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+out=${OUT:-$store/out}; mkdir -p "$out"
+work="$store/work/$preset"; mkdir -p "$work"; cd "$work"
+carried="$packs/store/${preset}_store.tar.gz"
+if [ ! -f mlflow.db ] && [ -f "$carried" ]; then
+  echo "== restoring the store of earlier runs from $carried"
+  tar -xzf "$carried" -C "$work" || exit 1
+fi
+args=(-m "+experiment=$preset" "model.gguf_file=$store/$name" "data.path=$store/$DATA_NAME"
+      "model.cache_dir=$store/cache" "data.cache_dir=$store/cache" "$@")
+echo "== converting the GGUF and tokenising the data (once per machine)"
+time (python3 -c 'import sys; from harness.launch.preflight import main_or_exit; main_or_exit(sys.argv[1:])' \
+        "${args[@]}" > "$work/prepare.log" 2>&1) || { tail -n 5 "$work/prepare.log"; exit 1; }
+echo "== python -m harness ${args[*]} (at most ${STUDY_BUDGET_S:-480} s)"
+time (timeout --signal=TERM --kill-after=60 "${STUDY_BUDGET_S:-480}" python3 -m harness "${args[@]}" >> "$work/sweep.log" 2>&1)
+status=$?
+[ "$status" = 124 ] && echo "== stopped at the time budget: the same command continues the sweep"
+tail -n 3 "$work/sweep.log"
+python3 "$repo/benchmarks/run_summary.py" sqlite:///mlflow.db > "$out/${preset}_runs.txt" 2>&1
+cat "$out/${preset}_runs.txt"
+tar -czf "$out/${preset}_store.tar.gz" mlflow.db mlartifacts 2>/dev/null || tar -czf "$out/${preset}_store.tar.gz" mlflow.db
+tr '\r' '\n' < "$work/sweep.log" | grep -v '%|' | tail -n 400 > "$out/${preset}_sweep.log"
+ls -la "$out"
+exit "$status"

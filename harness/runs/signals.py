@@ -116,8 +116,8 @@ def requeue_on_preemption(task):
                 raise
             log.warning("%s; submitit requeues the job", stop)
             signal.signal(signum, submitits)  # a second signal from here on is submitit's
-            submitits(signum, None)  # checkpoints the job's callable, requeues it and exits (rank 0 only)
-            sys.exit(128 + stop.signum)  # another rank of the job: rank 0 requeues it
+            submitits(signum, None)  # checkpoints the job's callable, requeues it and exits (rank 0; another rank returns)
+            raise
         finally:
             if submitits is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(signum, submitits)

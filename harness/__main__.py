@@ -6,6 +6,7 @@ print, and return in about a second."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def app(cfg: DictConfig):
 
     from harness.distributed import world_from_env
     from harness.launch.gpu_slots import claim_gpus, visible_ids
-    from harness.launch.job_ranks import run_ranks
+    from harness.launch.job_ranks import as_slurm_task, run_ranks
     from harness.training.loop import available_cores, concurrent_jobs, train
 
     hc = HydraConfig.get()
@@ -40,14 +41,17 @@ def app(cfg: DictConfig):
         return train(cfg, out_dir)
     gpus, slots = [], []
     try:
+        parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
         if ranks > 1 and signals.submitit_preemption_signal() is not None:
-            raise ranks_need_a_launcher_without_submitit(ranks, "submitit")
+            if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+                raise ranks_need_a_launcher_without_submitit(ranks, "submitit_local")
+            as_slurm_task(ranks)  # SLURM started the job's ranks as its tasks; this is one of them
+            return train(cfg, out_dir, parent)
         if cfg.trainer.device != "cpu" and torch.cuda.is_available() and world_from_env().size == 1:
             # jobs running side by side get GPUs of their own
             gpus, slots = claim_gpus(Path(hc.sweep.dir if multirun else out_dir), ranks,
                                       jobs_per_gpu=cfg.trainer.jobs_per_gpu)
             log.info("job %s runs on %s", hc.job.num, ", ".join(f"cuda:{i}" for i in gpus))
-        parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
         if ranks > 1:
             threads = None
             if not gpus and cfg.trainer.threads == "auto":  # the job's share of the cores, divided among its ranks
@@ -60,7 +64,10 @@ def app(cfg: DictConfig):
         if not multirun:
             raise
         log.exception("job %s failed", hc.job.num)
-        return {"failed": f"{type(e).__name__}: {e}"}
+        from harness.launch.sweep_callback import write_job_error
+        failed = f"{type(e).__name__}: {e}"
+        write_job_error(out_dir, failed)  # read by the launching process when the job ran elsewhere
+        return {"failed": failed}
     finally:
         for slot in slots:
             slot.release()

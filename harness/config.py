@@ -214,9 +214,10 @@ OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # con
 
 
 def ranks_need_a_launcher_without_submitit(ranks: int, launcher: str) -> ConfigError:
-    """trainer.ranks_per_job > 1 under a submitit launcher: refused in the pre-flight check
-    (launcher from the command line) and again in the job (launcher from anywhere)."""
-    return ConfigError(f"trainer.ranks_per_job={ranks} runs under the basic and joblib launchers, not "
+    """trainer.ranks_per_job > 1 under submitit's local launcher: refused in the pre-flight check
+    (launcher from the command line) and again in the job (launcher from anywhere). Under
+    hydra/launcher=slurm SLURM starts the ranks as the job's tasks (harness/launch/job_ranks.py)."""
+    return ConfigError(f"trainer.ranks_per_job={ranks} runs under the basic, joblib and slurm launchers, not "
                        f"{launcher} (its preemption signal would reach the ranks unhandled)")
 
 

@@ -173,6 +173,18 @@ COMMANDS = {
         "writes up to 270 MB under .study_gpu/ and fetches wheels; what it carries is received on a GPU machine"),
     "bash benchmarks/study_gpu.sh receive": NotRun("runs on the GPU machine"),
     "bash benchmarks/study_gpu.sh run study_gemma3": NotRun("needs a GPU machine"),
+    # docs/slurm.md
+    "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "hydra.launcher.account=myproject hydra.launcher.timeout_min=240 hydra.launcher.signal_delay_s=300 "
+    "tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints": NotRun(
+        "needs a SLURM cluster with a partition gpu and GPUs; the same launcher runs against a local cluster in "
+        "tests/harness/launch/test_slurm.py::"
+        "test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_limit_signal"),
+    "python -m harness -m reduce_loss=mean,sum seed=0,1 hydra/launcher=slurm trainer.ranks_per_job=2 "
+    "hydra.launcher.partition=gpu tracking.uri=http://tracking-host:5000 trainer.checkpoint_dir=/shared/checkpoints":
+        NotRun("needs a SLURM cluster with GPUs; a job of two gloo ranks runs as two SLURM tasks in "
+               "tests/harness/launch/test_slurm.py::test_a_job_of_two_ranks_runs_as_two_slurm_tasks_as_under_the_local_launcher"),
+    "python -m pytest -m slurm": NotRun("the SLURM tests of this suite (tests/harness/launch/test_slurm.py)"),
 }
 
 

@@ -28,6 +28,28 @@ from harness.distributed import JOB_RANKS_ENV
 log = logging.getLogger(__name__)
 
 
+def as_slurm_task(ranks: int) -> None:
+    """Make this process one of the `ranks` DDP ranks of a SLURM job (hydra/launcher=slurm with
+    tasks_per_node=ranks): SLURM started every rank as a task of the job, submitit runs the job
+    in each, and torch.distributed finds the others through the variables set here from SLURM's
+    (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK), as under torchrun. SLURM's signals
+    (--signal, scancel, scontrol requeue) reach every rank once, directly; the ranks agree on the
+    step to stop at, and rank 0 requeues the job."""
+    from harness.config import ConfigError
+
+    tasks, nodes = int(os.environ.get("SLURM_NTASKS", "1")), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    if tasks != ranks or nodes != 1:
+        raise ConfigError(f"trainer.ranks_per_job={ranks} under hydra/launcher=slurm trains one rank per SLURM task "
+                          f"on one node, but the job has {tasks} task(s) on {nodes} node(s): set "
+                          f"hydra.launcher.tasks_per_node={ranks} and hydra.launcher.nodes=1")
+    from submitit.helpers import TorchDistributedEnvironment  # an optional dependency, present in its jobs
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ[JOB_RANKS_ENV] = str(ranks)
+    if int(os.environ["RANK"]) > 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job, as in run_ranks
+
+
 def run_ranks(cfg, out_dir: Path, parent_run_id: str | None, gpus: str | None, cpu_threads: int | None) -> dict:
     """Train `cfg` on `cfg.trainer.ranks_per_job` ranks; rank 0's result. `gpus`: the
     CUDA_VISIBLE_DEVICES of the ranks (None on the CPU); `cpu_threads`: torch threads per rank

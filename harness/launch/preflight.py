@@ -101,7 +101,7 @@ def check_command_line(argv: list[str]) -> None:
                 raise InputError(" ".join(str(e).split())[:300]) from None
             try:
                 validate(cfg)
-                if cfg.trainer.ranks_per_job > 1 and ("submitit" in launcher or launcher == "slurm"):
+                if cfg.trainer.ranks_per_job > 1 and launcher == "submitit_local":
                     raise ranks_need_a_launcher_without_submitit(cfg.trainer.ranks_per_job, f"hydra/launcher={launcher}")
                 if cfg.tracking.uri not in servers:
                     servers.add(cfg.tracking.uri)

@@ -57,9 +57,30 @@ def failed_elsewhere(config: DictConfig, since_ms: int, expected: int) -> list[s
                 f"{(r.data.tags.get('error') or r.data.tags.get('stopped') or 'see its log')[:300]}"
                 for r in children if r.info.status != "FINISHED" and (r.info.end_time or since_ms) >= since_ms]
     if len(children) < expected:
-        failures.append(f"{expected - len(children)} of {expected} jobs made no MLflow run (see their logs in "
-                        f"{sweep_dir})")
+        errors = [f"job {p.parent.name}: {p.read_text(errors='replace').strip()[:300]}"
+                  for p in sorted(sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
+                  if p.stat().st_mtime * 1000 >= since_ms and not _run_started(p.parent, since_ms)]
+        failures.append(f"{expected - len(children)} of {expected} jobs made no MLflow run"
+                        + (f", failing before it started: {'; '.join(errors)}" if errors else "")
+                        + f" (see their logs in {sweep_dir})")
     return failures
+
+
+# A job that fails in a process of its own writes its error here, in its folder, for the launching
+# process: the only trace of a job that failed before its MLflow run started (bad data, a model
+# that does not load) when the jobs ran on other machines.
+JOB_ERROR_FILE = "job_error.txt"
+
+
+def write_job_error(job_dir: Path, error: str) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / JOB_ERROR_FILE).write_text(redact(error) + "\n")
+
+
+def _run_started(job_dir: Path, since_ms: int) -> bool:
+    """Whether the job's run started in this sweep (it writes resolved_config.yaml when it does)."""
+    config = job_dir / "resolved_config.yaml"
+    return config.exists() and config.stat().st_mtime * 1000 >= since_ms
 
 
 def end_open_parent(status: str | None) -> None:

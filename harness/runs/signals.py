@@ -8,7 +8,10 @@ A job that submitit runs (hydra/launcher=slurm, submitit_local) is submitit's wo
 `main()` and `install()` never run there, and submitit has its own handlers: SIGUSR2 (its
 preemption and timeout signal) checkpoints the job's callable and requeues it, SIGTERM is logged
 and ignored. `requeue_on_preemption` takes SIGUSR2 over for the length of the job, so the run
-stops the same way, and then hands it to submitit's handler to requeue the job."""
+stops the same way, and then hands it to submitit's handler to requeue the job. Under SLURM it
+takes SIGTERM too: SLURM sends it when it ends a job (`scancel`, `scontrol requeue`, the time
+limit, preemption without a user signal) and kills the job KillWait seconds later, so the run
+stops the same way (checkpoint, KILLED) and the job exits; SLURM requeues it where it does."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -99,18 +103,25 @@ def requeue_on_preemption(task):
         signum = submitit_preemption_signal()
         if signum is None:
             return task(cfg)
+        under_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
         submitits = signal.signal(signum, _handle)
+        bypassed = signal.signal(signal.SIGTERM, _handle) if under_slurm else None
         try:
             return task(cfg)
         except Interrupted as stop:
+            if under_slurm and stop.signum == signal.SIGTERM:
+                log.warning("%s; SLURM ends the job (and requeues it where it does)", stop)
+                sys.exit(128 + stop.signum)
             if stop.signum != signum or not callable(submitits):
                 raise
             log.warning("%s; submitit requeues the job", stop)
             signal.signal(signum, submitits)  # a second signal from here on is submitit's
-            submitits(signum, None)  # checkpoints the job's callable, requeues it and exits
+            submitits(signum, None)  # checkpoints the job's callable, requeues it and exits (rank 0; another rank returns)
             raise
         finally:
             if submitits is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(signum, submitits)
+            if bypassed is not None:
+                signal.signal(signal.SIGTERM, bypassed)
 
     return job

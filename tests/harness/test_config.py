@@ -92,7 +92,7 @@ def test_valid_settings_pass(argv):
     (["trainer.ranks_per_job=0"], "trainer.ranks_per_job=0 must be >= 1"),
     (["trainer.ranks_per_job=3", "trainer.device=cpu"], "trainer.batch_size=16 must be a multiple of grad_accum*world_size=6"),
     (["trainer.ranks_per_job=2", "trainer.device=cpu", "hydra/launcher=submitit_local"],
-     "trainer.ranks_per_job=2 runs under the basic and joblib launchers, not hydra/launcher=submitit_local"),
+     "trainer.ranks_per_job=2 runs under the basic, joblib and slurm launchers, not hydra/launcher=submitit_local"),
     (["trainer.lr=0"], "trainer.lr=0 must be a number > 0"),
     (["trainer.tokens_per_micro_batch=many"], "trainer.tokens_per_micro_batch='many' is not an integer"),
     (["trainer.tokens_per_micro_batch=auto", "trainer.max_tokens_per_micro_batch=256"],

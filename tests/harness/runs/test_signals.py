@@ -126,3 +126,26 @@ def test_without_a_handler_of_submitits_the_signal_stops_the_run_like_sigterm(mo
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGUSR2, saved)
+
+
+@needs_submitit
+def test_in_a_slurm_job_sigterm_ends_the_step_and_the_job_exits_without_asking_submitit(submitit_job, monkeypatch):
+    """SLURM sends SIGTERM when it ends a job (scancel, scontrol requeue, the time limit), and
+    requeues it itself where it does; submitit's own handler would only log it."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    submitits_bypass = lambda signum, frame: None  # noqa: E731
+    saved = signal.signal(signal.SIGTERM, submitits_bypass)
+
+    def terminated_mid_step(cfg):
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop() == signal.SIGTERM  # recorded; the step went on
+            raise signals.Interrupted(signal.SIGTERM, " after step 1 (checkpoint saved)")
+
+    try:
+        with pytest.raises(SystemExit) as exited:
+            signals.requeue_on_preemption(terminated_mid_step)(None)
+        assert exited.value.code == 128 + signal.SIGTERM and submitit_job == []
+        assert signal.getsignal(signal.SIGTERM) is submitits_bypass
+    finally:
+        signal.signal(signal.SIGTERM, saved)

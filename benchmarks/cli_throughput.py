@@ -67,6 +67,8 @@ def flops_per_token(folder: Path, run) -> float | None:
 
     from harness.model.loading import build_model, load_tokenizer
     cfg = OmegaConf.load(config)
+    if "init" in cfg.model:  # the architecture only: from_pretrained refuses the meta device
+        cfg.model.init = "random"
     with torch.device("meta"):
         model = build_model(cfg.model, load_tokenizer(cfg.model), cfg.seed)
     embedding = model.get_input_embeddings().weight.numel()

@@ -51,7 +51,8 @@ def test_study_preset_has_what_the_study_needs(name, kind):
     lrs = [float(v) for v in params["trainer.lr"].split(",")]
     assert len(lrs) >= 4 and max(lrs) / min(lrs) >= 30
     assert str(params["seed"]).split(",") == ["0", "1", "2"]
-    assert hydra["callbacks"]["sweep_tracking"]["analyse"] is False  # no end-of-sweep report pooling learning rates
+    assert hydra["callbacks"]["sweep_tracking"]["analyse"] is True  # the tuned comparison, learning rates never pooled
+    assert 0 < d["test_fraction"] and d["val_fraction"] + d["test_fraction"] < 0.5  # reported on a held-out test split
     assert len(job_overrides(["-m", f"+experiment={name}"])) == 3 * len(lrs) * 3
 
 
@@ -94,4 +95,4 @@ def test_study_gemma3_runs_paired_through_the_cli_at_tiny_settings(tmp_path):
     assert children["tags.pair_id"].nunique() == 1 and (children["params.model.kind"] == "gemma3").all()
     assert (children["params.model.chat_template"] == "gemma").all()
     assert all(math.isfinite(v) for v in children["metrics.val/token_loss"])
-    assert not list(tmp_path.glob("multirun/*/*/analysis"))  # analyse: false
+    assert list(tmp_path.glob("multirun/*/*/analysis/report.md"))  # one learning rate: the plain comparison

@@ -41,9 +41,11 @@ def run_analysis(uri: str, out: Path, opts: Options, *, experiment: str | None =
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if isinstance(results, tuning.Sweep):
-            tuning.write(results, staging, tuning.draw(results, staging) if draw else [])
+            images = tuning.draw(results, staging) if draw else []
+            tuning.write(results, staging, images)
         else:
-            report.write(results, staging, plots.draw_all(results, staging) if draw else [])
+            images = plots.draw_all(results, staging) if draw else []
+            report.write(results, staging, images)
         (staging / MARKER).write_text("".join(f"{p.name}\n" for p in sorted(staging.iterdir())))
         replace(out, staging)
     except BaseException:

@@ -194,7 +194,7 @@ class SweepTracking(Callback):
     def _analyse(self, config: DictConfig):
         if not self.analyse:
             return None
-        modes = job_values(self.jobs, "reduce_loss", str(config.reduce_loss))
+        modes = job_values(self.jobs, "reduce_loss", str(OmegaConf.select(config, "reduce_loss", default="mean")))
         if len(modes) < 2:  # seed noise of one reduction, say: nothing to compare, and no failure
             self.notes.append(f"nothing to compare: every job of this sweep used reduce_loss={modes.pop()}; "
                               "sweep two or more reductions for a comparison (-m reduce_loss=mean,sum ...)")

@@ -49,6 +49,7 @@ class Results:
     left_out: list[str] = field(default_factory=list)  # runs that did not finish (--include-flagged)
     clipping: pd.DataFrame = field(default_factory=pd.DataFrame)  # per mode (`clipping`); empty if not logged
     marks: list[str] = field(default_factory=list)  # further caveats every output carries (analysis/tuning.py)
+    split: str = "validation"  # the examples compared: validation, or the test split (analysis/tuning.py)
 
     @property
     def flagged(self) -> pd.DataFrame:

@@ -25,7 +25,7 @@ def _suffix(res: Results) -> str:
 
 def _xaxis(ax, res: Results) -> None:
     ax.set_xticks(range(len(res.labels)), res.labels, rotation=30)
-    ax.set_xlabel(f"validation {res.options.bucket_by} bucket (tokens)")
+    ax.set_xlabel(f"{res.split} {res.options.bucket_by} bucket (tokens)")
 
 
 def loss_by_bucket(res: Results, path: Path) -> None:

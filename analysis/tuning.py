@@ -258,6 +258,7 @@ def tuned_comparison(data: RunData, opts: Options, key: str, select_by: str = "t
     sub.runs = sub.runs.drop(columns=[key])
     test = analyse(sub, test_opts)
     test.marks = marks
+    test.split = "validation" if same_split else "test"
     test.runs = test.runs.assign(**{key: test.runs.reduce_loss.map(chosen)})
     if not paired:
         test.paired = False

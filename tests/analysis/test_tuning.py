@@ -34,6 +34,7 @@ def test_chosen_values_are_the_planted_ones_and_the_effect_is_found_on_the_test_
         chosen.append(tuned.chosen)
         diff = tuned.test.paired_diff
         assert diff.examples.sum() == 160 and not tuned.same_split  # the test examples, all of them
+        assert tuned.test.split == "test"  # what the plots and tables name
         top.append(diff[diff.bucket == diff.bucket.max()].iloc[0])
         others.append(diff[diff.bucket < diff.bucket.max()])
     assert all(c == PLANTED for c in chosen)
@@ -132,6 +133,7 @@ def test_runs_without_a_test_split_are_marked_selected_and_reported_on_the_same_
     data.tests = pd.DataFrame()
     data.runs["schema_version"] = "1"
     sweep = analyse_sweep(data, Options(buckets=2))
+    assert sweep.tuned.test.split == "validation"
     assert sweep.tuned.same_split and SAME_SPLIT in sweep.caveats and SAME_SPLIT in sweep.tuned.test.caveats
     assert any(SAME_SPLIT in s for s in tuned_sentences(sweep))
 

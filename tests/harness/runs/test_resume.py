@@ -27,8 +27,8 @@ def on_call(n: int, signal_name: str) -> str:
 
 
 def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every metric point of a run except throughput (wall-clock dependent)."""
-    keys = [k for k in client.get_run(run_id).data.metrics if k != "train/tokens_per_s"]
+    """Every metric point of a run except throughput and the job's timings (wall-clock dependent)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k != "train/tokens_per_s" and not k.startswith("time/")]
     return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in sorted(keys)}
 
 

@@ -87,12 +87,13 @@ def test_study_gemma3_runs_paired_through_the_cli_at_tiny_settings(tmp_path):
                     "data.max_examples=60", "data.max_seq_len=256", "data.num_proc=1", "reduce_loss=mean,sum",
                     "trainer.lr=1.0e-3", "seed=0", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.grad_accum=4",
                     "trainer.tokens_per_micro_batch=512", "trainer.warmup_steps=1", "trainer.eval_every=1",
-                    "trainer.eval_batch_size=8", "trainer.precision=fp32", "trainer.device=cpu", "trainer.threads=1"],
+                    "trainer.eval_batch_size=8", "trainer.precision=fp32", "trainer.device=cpu", "trainer.threads=1",
+                    "hydra.callbacks.sweep_tracking.analyse=false"],  # ~6 validation examples: nothing to bucket
                    tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _, children = child_runs(tmp_path)
     assert sorted(children["tags.reduce_loss"]) == ["mean", "sum"] and (children.status == "FINISHED").all()
     assert children["tags.pair_id"].nunique() == 1 and (children["params.model.kind"] == "gemma3").all()
     assert (children["params.model.chat_template"] == "gemma").all()
     assert all(math.isfinite(v) for v in children["metrics.val/token_loss"])
-    assert list(tmp_path.glob("multirun/*/*/analysis/report.md"))  # one learning rate: the plain comparison
+    assert not list(tmp_path.glob("multirun/*/*/analysis"))  # analyse=false on the command line

@@ -86,17 +86,24 @@ def bucket_summary(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def _evaluate_into(out_dir: Path, model, examples, **kwargs):
+    """The per-example losses (None off rank 0) and the run's eval folder, made on rank 0."""
+    df = evaluate(model, examples, **kwargs)
+    folder = out_dir / artifacts.EVAL_DIR
+    if df is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return df, folder
+
+
 def evaluate_and_log(model, examples, step: int, final: bool, out_dir: Path, tracker, *, batch_size: int,
                      layout: dict, device: torch.device, world: World, chunk_tokens: int | None,
                      tokens_per_row: int | None = None) -> dict[str, float]:
     """Evaluate, write `eval/step_<step>.parquet` (and `eval/final.parquet` at the end) into
     `out_dir` and the run, log the summary metrics, and return them (empty off rank 0)."""
-    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
-                  step=step, tokens_per_row=tokens_per_row, **layout)
+    df, folder = _evaluate_into(out_dir, model, examples, batch_size=batch_size, device=device, world=world,
+                                chunk_tokens=chunk_tokens, step=step, tokens_per_row=tokens_per_row, **layout)
     if df is None:
         return {}
-    folder = out_dir / artifacts.EVAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     for name in [artifacts.eval_file(step)] + ([artifacts.FINAL_EVAL] if final else []):
         df.to_parquet(folder / name)
         tracker.artifact(folder / name, artifacts.EVAL_DIR)
@@ -113,12 +120,10 @@ def evaluate_test_and_log(model, examples, step: int, out_dir: Path, tracker, *,
                           tokens_per_row: int | None = None) -> dict[str, float]:
     """The test split, once, after the last step: `eval/test.parquet` and the metrics
     test/token_loss and test/seq_loss (empty off rank 0)."""
-    df = evaluate(model, examples, batch_size=batch_size, device=device, world=world, chunk_tokens=chunk_tokens,
-                  step=step, tokens_per_row=tokens_per_row, **layout)
+    df, folder = _evaluate_into(out_dir, model, examples, batch_size=batch_size, device=device, world=world,
+                                chunk_tokens=chunk_tokens, step=step, tokens_per_row=tokens_per_row, **layout)
     if df is None:
         return {}
-    folder = out_dir / artifacts.EVAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     df.to_parquet(folder / artifacts.TEST_EVAL)
     tracker.artifact(folder / artifacts.TEST_EVAL, artifacts.EVAL_DIR)
     metrics = {artifacts.TEST_METRIC_PREFIX + k.split("/", 1)[1]: v for k, v in summary(df).items()}

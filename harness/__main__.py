@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -33,13 +34,14 @@ def app(cfg: DictConfig):
     from harness.launch.job_ranks import as_slurm_task, run_ranks
     from harness.training.loop import available_cores, concurrent_jobs, train
 
+    started_ms = int(time.time() * 1000)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
     ranks = cfg.trainer.ranks_per_job
     if not multirun and ranks == 1:
         return train(cfg, out_dir)
-    gpus, slots = [], []
+    gpus, slots, parent = [], [], None
     try:
         parent = parent_run_id(Path(hc.sweep.dir)) if multirun else None
         if ranks > 1 and signals.submitit_preemption_signal() is not None:
@@ -64,9 +66,15 @@ def app(cfg: DictConfig):
         if not multirun:
             raise
         log.exception("job %s failed", hc.job.num)
-        from harness.launch.sweep_callback import write_job_error
+        from harness.launch.sweep_callback import run_started, write_job_error
         failed = f"{type(e).__name__}: {e}"
         write_job_error(out_dir, failed)  # read by the launching process when the job ran elsewhere
+        if parent is not None and not run_started(out_dir, started_ms) and world_from_env().is_main:
+            from harness.training.loop import record_failure_before_run
+            try:
+                record_failure_before_run(cfg, parent, e)
+            except Exception as tracking_error:  # the store itself may be what failed
+                log.warning("job %s: no FAILED run recorded (%s)", hc.job.num, tracking_error)
         return {"failed": failed}
     finally:
         for slot in slots:

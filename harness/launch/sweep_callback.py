@@ -59,7 +59,7 @@ def failed_elsewhere(config: DictConfig, since_ms: int, expected: int) -> list[s
     if len(children) < expected:
         errors = [f"job {p.parent.name}: {p.read_text(errors='replace').strip()[:300]}"
                   for p in sorted(sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
-                  if p.stat().st_mtime * 1000 >= since_ms and not _run_started(p.parent, since_ms)]
+                  if p.stat().st_mtime * 1000 >= since_ms and not run_started(p.parent, since_ms)]
         failures.append(f"{expected - len(children)} of {expected} jobs made no MLflow run"
                         + (f", failing before it started: {'; '.join(errors)}" if errors else "")
                         + f" (see their logs in {sweep_dir})")
@@ -77,7 +77,7 @@ def write_job_error(job_dir: Path, error: str) -> None:
     (job_dir / JOB_ERROR_FILE).write_text(redact(error) + "\n")
 
 
-def _run_started(job_dir: Path, since_ms: int) -> bool:
+def run_started(job_dir: Path, since_ms: int) -> bool:
     """Whether the job's run started in this sweep (it writes resolved_config.yaml when it does)."""
     config = job_dir / "resolved_config.yaml"
     return config.exists() and config.stat().st_mtime * 1000 >= since_ms

@@ -301,6 +301,20 @@ def start_run(cfg, run: Setup, job, tracker: RunLogger, out_dir: Path, world: di
                          "train/row_lengths": len(run.split.row_lengths)}, step=0)
 
 
+def record_failure_before_run(cfg, parent_run_id: str | None, error: BaseException) -> str:
+    """A sweep's job that failed before its MLflow run started (its data or model did not load)
+    still gets a run under the sweep's parent, FAILED, with its error and config: the MLflow UI
+    and the analysis show every job. It has no job key, so running the same command again starts
+    the job afresh. The run's id."""
+    tracker = RunLogger(enabled=True)
+    tags = {artifacts.TAG_MODE: str(cfg.reduce_loss), artifacts.TAG_SEED: str(cfg.seed)}
+    tracker.start(cfg.tracking, run_name(cfg.reduce_loss, cfg.seed, job_overrides(), parent_run_id), tags,
+                  parent_run_id)
+    tracker.params(flat_params(cfg))
+    tracker.end(error)
+    return tracker.run_id
+
+
 def log_final(cfg, val_metrics: dict[str, float]) -> None:
     if val_metrics:
         log.info("%s seed %d: validation loss at step %d: %.4f per token (token-weighted), %.4f per example "

@@ -143,17 +143,30 @@ def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, override, 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "multirun").exists()
 
 
+IN_A_STEP = """
+    import harness.training.step as step
+    real = step.example_weights
+    def failing(mode, *args, **kwargs):
+        if mode == "sum":
+            raise RuntimeError("injected failure in the sum run")
+        return real(mode, *args, **kwargs)
+    step.example_weights = failing
+"""
+# before the job's MLflow run exists (its data or model does not load): it gets a FAILED run all the same
+IN_SET_UP = """
+    import harness.training.loop as loop
+    real = loop.set_up
+    def failing(cfg, *args, **kwargs):
+        if cfg.reduce_loss == "sum":
+            raise RuntimeError("injected failure in the sum run's set-up")
+        return real(cfg, *args, **kwargs)
+    loop.set_up = failing
+"""
+
+
 @pytest.mark.slow
-def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
-    prelude = """
-        import harness.training.step as step
-        real = step.example_weights
-        def failing(mode, *args, **kwargs):
-            if mode == "sum":
-                raise RuntimeError("injected failure in the sum run")
-            return real(mode, *args, **kwargs)
-        step.example_weights = failing
-    """
+@pytest.mark.parametrize("prelude", [IN_A_STEP, IN_SET_UP], ids=["in-a-step", "in-set-up"])
+def test_failed_job_is_marked_failed_and_the_sweep_goes_on(tmp_path, prelude):
     new_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "reduce_loss=sum,mean", *QUICK], tmp_path, prelude)
     assert proc.returncode != 0

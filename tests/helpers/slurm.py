@@ -352,16 +352,24 @@ def slurm_job_id(log: Path) -> str:
     return log.parent.name
 
 
-def next_time_limit_check(cluster: Cluster) -> float:
-    """When slurmctld next tests time limits (and sends --signal's warnings), as time.time():
-    every 30 s (PERIODIC_TIMEOUT) after the last check its log shows (SlurmctldDebug=debug2)."""
-    import datetime
-    import re
-    stamps = re.findall(r"^\[([0-9T:.-]+)\] debug2: Testing job time limits", cluster.log("slurmctld"), re.M)
-    if not stamps:
-        raise AssertionError("slurmctld's log shows no time-limit check yet")
-    last = datetime.datetime.fromisoformat(stamps[-1]).timestamp()  # local time, as slurmctld logs it
-    return last + 30
+def _status_fields(pid: int) -> dict[str, str]:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # it has ended
+        return {}
+    return dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether signal `signum` waits to be delivered to process `pid` (a stopped process keeps it
+    pending until continued): its bit in /proc/<pid>/status's SigPnd (the thread's) or ShdPnd (the process's)."""
+    fields = _status_fields(pid)
+    return any(int(fields[k], 16) >> (signum - 1) & 1 for k in ("SigPnd", "ShdPnd") if k in fields)
+
+
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP)."""
+    return _status_fields(pid).get("State", "").strip().startswith("T")
 
 
 def task_pids(cluster: Cluster, job_id: str) -> list[int]:
@@ -371,6 +379,6 @@ def task_pids(cluster: Cluster, job_id: str) -> list[int]:
     pids = []
     for line in cluster.run("scontrol", "listpids", raw).splitlines()[1:]:
         pid, _, step, *_ = line.split()
-        if step == "0":
+        if step == "0" and Path(f"/proc/{pid}").exists():  # not a short-lived child that has ended since
             pids.append(int(pid))
     return pids

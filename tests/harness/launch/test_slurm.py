@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import mlflow
@@ -21,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.cli import QUICK, child_runs, has_module, run_cli
-from tests.helpers.slurm import next_time_limit_check, slurm_cluster, slurm_job_id, task_pids  # noqa: F401 (a fixture)
+from tests.helpers.slurm import signal_pending, slurm_cluster, stopped, slurm_job_id, task_pids  # noqa: F401 (a fixture)
 from tests.helpers.submitit_jobs import RUN_LINE, job_logs, start_sweep, wait_for
 
 pytestmark = [
@@ -66,8 +67,30 @@ def _job_of(sweep: Path, name: str) -> tuple[str, str] | None:
     return None
 
 
-def _at_step(client: MlflowClient, run_id: str, step: int):
-    return lambda: True if max(_steps_logged(client, run_id), default=0) >= step else None
+def _freeze_after_step(cluster, sweep: Path, job_id: str, launch, step: int = 2) -> list[int]:
+    """Stop (SIGSTOP) the job's tasks as soon as its progress bar shows `step` done; their pids.
+    The log is read, not MLflow, and the pids found beforehand: these CPU jobs train 24 steps in
+    about 3 s, faster than a round trip through the store."""
+    tasks = task_pids(cluster, job_id)
+
+    def past_step():
+        done = [int(k) for k in re.findall(rf"\| *(\d+)/{STEPS} \[", _job_log(sweep, job_id))]
+        return True if done and max(done) >= step else None
+    wait_for(f"{job_id}'s step {step}", past_step, launch, timeout_s=120)
+    for pid in tasks:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    return tasks
+
+
+def _thaw_once_signalled(tasks: list[int], signum: int, launch) -> None:
+    """Continue the stopped tasks once SLURM's signal `signum` waits for them (or SLURM has
+    continued them itself, as it does before SIGTERM): it is handled mid-run."""
+    wait_for(f"signal {signum} sent to the job", lambda: True if any(signal_pending(p, signum) for p in tasks)
+             or not any(stopped(p) for p in tasks) else None, launch, timeout_s=60)
+    for pid in tasks:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _status(client: MlflowClient, run_id: str, status: str):
@@ -123,28 +146,21 @@ def test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_li
         client = _client(paired)
         requeued, requeued_run = wait_for("sum-seed1's run", lambda: _job_of(paired / "sweep", "sum-seed1"),
                                           launches[paired])
-        wait_for("sum-seed1's step 2", _at_step(client, requeued_run, 2), launches[paired])
+        tasks = _freeze_after_step(cluster, paired / "sweep", requeued, launches[paired])
         cluster.run("scontrol", "requeue", requeued)
+        _thaw_once_signalled(tasks, signal.SIGTERM, launches[paired])
         wait_for("sum-seed1 KILLED", _status(client, requeued_run, "KILLED"), launches[paired], timeout_s=90)
 
         # the time limit: SLURM sends USR2 signal_delay_s before it, at its next time-limit check
-        # (every 30 s). The job's task is stopped (SIGSTOP: to SLURM it still runs) until just
-        # before that check, its limit shortened to 2 minutes (within the 120 s lead time), and
-        # continued: the signal arrives mid-run, a second or two later.
+        # (every 30 s). The job's task is stopped (to SLURM it still runs, and a signal sent to it
+        # waits), its limit shortened to 2 minutes (within the 120 s lead time), and continued
+        # once the signal waits for it: the signal arrives mid-run.
         client = _client(limited)
         timed, timed_run = wait_for("sum-seed0's run", lambda: _job_of(limited / "sweep", "sum-seed0"),
                                     launches[limited])
-        wait_for("sum-seed0's step 2", _at_step(client, timed_run, 2), launches[limited])
-        tasks = task_pids(cluster, timed)
-        for pid in tasks:
-            os.kill(pid, signal.SIGSTOP)
-        check = next_time_limit_check(cluster)
-        while check - time.time() < 3:
-            check += 30
-        time.sleep(check - time.time() - 1.5)
+        tasks = _freeze_after_step(cluster, limited / "sweep", timed, launches[limited])
         cluster.run("scontrol", "update", f"JobId={timed}", "TimeLimit=2")
-        for pid in tasks:
-            os.kill(pid, signal.SIGCONT)
+        _thaw_once_signalled(tasks, signal.SIGUSR2, launches[limited])
         wait_for("sum-seed0 KILLED", _status(client, timed_run, "KILLED"), launches[limited], timeout_s=60)
         # the requeued job gets its time back (else the same signal would come again at its start)
         cluster.run("scontrol", "update", f"JobId={timed}", "TimeLimit=5")
@@ -183,8 +199,9 @@ def test_a_cancelled_job_ends_killed_and_the_same_command_trains_only_what_is_mi
     launch = start_sweep(args, tmp_path)
     try:
         cancelled, run_id = wait_for("sum-seed0's run", lambda: _job_of(tmp_path / "sweep", "sum-seed0"), launch)
-        wait_for("sum-seed0's step 2", _at_step(client, run_id, 2), launch)
+        tasks = _freeze_after_step(slurm_cluster, tmp_path / "sweep", cancelled, launch)
         slurm_cluster.run("scancel", cancelled)
+        _thaw_once_signalled(tasks, signal.SIGTERM, launch)
         wait_for("sum-seed0 KILLED", _status(client, run_id, "KILLED"), launch, timeout_s=90)
     finally:
         returncode = _ended(launch)
@@ -242,12 +259,15 @@ def test_a_job_that_fails_is_named_and_the_others_finish(slurm_cluster, tmp_path
     assert returncode == 1, out[-3000:]
     parents, children = child_runs(tmp_path)
     assert list(parents.status) == ["FAILED"]
-    assert list(children.status) == ["FINISHED"] and children["params.data.data_files"].iloc[0] == str(files["good"])
-    assert _steps_logged(_client(tmp_path), children.run_id.iloc[0]) == list(range(1, STEPS + 1))
+    by_file = children.set_index("params.data.data_files")
+    assert by_file.loc[str(files["good"]), "status"] == "FINISHED"
+    assert _steps_logged(_client(tmp_path), by_file.loc[str(files["good"]), "run_id"]) == list(range(1, STEPS + 1))
+    # the job failed loading its data, before training: its run is FAILED with the error on it
+    bad = by_file.loc[str(files["bad"])]
+    assert bad.status == "FAILED" and bad["tags.error"].startswith("DataError") and "no assistant turn" in bad["tags.error"]
     failed = [line for line in out.splitlines() if line.startswith("FAILED: ")]
     assert len(failed) == 1, out[-3000:]
-    assert "1 of 2 jobs made no MLflow run, failing before it started: job 1-" in failed[0], failed
-    assert "DataError" in failed[0] and "no assistant turn" in failed[0], failed
+    assert f"({bad.run_id}) ended FAILED: DataError" in failed[0] and "no assistant turn" in failed[0], failed
     print(f"sweep with a failing job: {elapsed:.0f} s")
 
 

@@ -91,7 +91,7 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def harness_rates(model, examples, steps, arms: dict[str, tuple[str, Split]], chunk, compiled: bool, rounds: int,
+def harness_rates(model, examples, steps, arms: dict[str, tuple[str, Split]], chunk, compiled: bool | str, rounds: int,
                   layout: dict):
     """tokens/s of each arm (a reduction mode and a semantic split) per round; each round trains
     every arm on the same steps, in a rotated order, so that arms compare paired."""
@@ -99,7 +99,7 @@ def harness_rates(model, examples, steps, arms: dict[str, tuple[str, Split]], ch
     step_model = CausalLMLoss(model, chunk)
     if compiled:
         torch._dynamo.reset()  # a new row length gets its own static graph, not a dynamic-shape one
-        step_model.compile_model()
+        step_model.compile_model(compiled)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def train(arm, step_ids) -> float:
@@ -217,6 +217,8 @@ def main() -> None:
                                               "literal (the regime's literal run)")
     p.add_argument("--regime", action="store_true", help="also: 1 sequence per micro-batch, literal vs physical")
     p.add_argument("--no-compile", action="store_true", help="the harness's fast settings without torch.compile")
+    p.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
+                   help="compile each decoder layer (the harness's default) or the whole model (trainer.compile_scope)")
     p.add_argument("--profile", action="store_true", help="print the GPU kernels that take the harness's time")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -245,7 +247,7 @@ def main() -> None:
 
     model.config._attn_implementation = "flex_attention"
     split = Split(args.grad_accum, None, tokens)
-    compiled = not args.no_compile
+    compiled = False if args.no_compile else args.compile_scope  # torch.compile's scope, or eager
     mean_rate = None
     if "harness" not in skip:
         rates, memory = harness_rates(model, examples, steps, {m: (m, split) for m in MODES}, chunk, compiled,

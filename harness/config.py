@@ -84,6 +84,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16-mixed"))
     _choice("trainer.scheduler", t.scheduler, [s.value for s in SchedulerType])
     _choice("trainer.compile", t.compile, ("auto", True, False))
+    _choice("trainer.compile_scope", t.compile_scope, ("layers", "model"))
     if t.threads not in ("auto", None):
         _int("trainer.threads", t.threads)
     if t.loss_chunk_tokens not in ("auto", None):

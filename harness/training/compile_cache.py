@@ -27,7 +27,8 @@ def use_compile_cache(setting: str | None) -> Path | None:
 
 
 _COUNTED = (("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss")),
-            ("aot_autograd", ("autograd_cache_hit", "autograd_cache_miss")))
+            ("aot_autograd", ("autograd_cache_hit", "autograd_cache_miss")),
+            ("stats", ("unique_graphs",)))  # Dynamo's graphs: a count that grows with the steps means recompiles
 _at_start: dict[str, int] = {}
 
 
@@ -43,5 +44,6 @@ def start_counting() -> None:
 
 
 def cache_counters() -> dict[str, int]:
-    """Hits and misses of the FX graph and AOTAutograd caches since `start_counting`."""
+    """Hits and misses of the FX graph and AOTAutograd caches, and the graphs Dynamo made, since
+    `start_counting`."""
     return {k: v - _at_start.get(k, 0) for k, v in _counters().items()}

@@ -144,7 +144,8 @@ def set_up(cfg, world: distributed.World, device: torch.device) -> Setup:
     chunk = loss_chunk_tokens(t.loss_chunk_tokens, model, device)
     step_model = wrap(CausalLMLoss(model, chunk), t.compile, world, device,
                       stable_shapes=split.tokens_per_micro_batch is not None,
-                      shapes=len(split.row_lengths) if split.tokens_per_micro_batch else 1, cache_dir=t.compile_cache_dir)
+                      shapes=len(split.row_lengths) if split.tokens_per_micro_batch else 1, cache_dir=t.compile_cache_dir,
+                      scope=t.compile_scope)
     return Setup(data, model, step_model, chunk, steps, tokenizer.pad_token_id, float(loss_scale), identity, split, rows)
 
 
@@ -449,7 +450,7 @@ def loss_chunk_tokens(setting, model, device: torch.device) -> int | None:
 
 
 def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, device: torch.device,
-         stable_shapes: bool = True, shapes: int = 1, cache_dir: str | None = None):
+         stable_shapes: bool = True, shapes: int = 1, cache_dir: str | None = None, scope: str = "layers"):
     """torch.compile the model (`auto`: on CUDA, when micro-batches come in a few fixed shapes,
     `shapes` of them), then DDP across ranks."""
     # Padded micro-batches change shape from step to step, and each new shape recompiles: on an
@@ -458,7 +459,7 @@ def wrap(loss_model: CausalLMLoss, compile_setting, world: distributed.World, de
         compile_settings(stable_shapes, shapes)
         use_compile_cache(cache_dir)
         start_counting()
-        loss_model.compile_model()
+        loss_model.compile_model(scope)
     if world.size > 1:
         return DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
     return loss_model
@@ -468,12 +469,13 @@ def compile_settings(stable_shapes: bool, shapes: int) -> None:
     """Fresh Dynamo state for this job (jobs of a sweep may share a process: the basic launcher),
     so its graphs are this model's; Inductor's caches on disk (harness/training/compile_cache.py)
     are kept. With a few fixed row lengths each gets a static graph (the default would make the
-    second length a dynamic-shape graph for all); room for them and for validation's."""
+    second length a dynamic-shape graph for all); room for them, for validation's, and for models
+    whose layers come in two kinds (Gemma 3's sliding-window and global attention)."""
     import torch._dynamo
     torch._dynamo.reset()
     torch._dynamo.config.automatic_dynamic_shapes = not stable_shapes  # torch's default for padded batches
     if stable_shapes:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes + 4)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * shapes + 8)
 
 
 def log_config(cfg, data: PreparedData, out_dir: Path, tracker: RunLogger, world: distributed.World) -> None:

@@ -77,7 +77,7 @@ def test_cfg_opens_nothing():
 @pytest.mark.parametrize("argv", [["trainer.max_grad_norm=null"], ["loss_scale=auto"], ["loss_scale=0.01"],
                                   ["trainer.precision=auto"], ["trainer.precision=fp32"],
                                   ["trainer.tokens_per_micro_batch=auto"], ["trainer.jobs_per_gpu=4"],
-                                  ["trainer.compile_cache_dir=null"]])
+                                  ["trainer.compile_cache_dir=null"], ["trainer.compile_scope=model"]])
 def test_valid_settings_pass(argv):
     check_command_line(argv)
 
@@ -98,6 +98,7 @@ def test_valid_settings_pass(argv):
     (["trainer.tokens_per_micro_batch=auto", "trainer.max_tokens_per_micro_batch=256"],
      "trainer.max_tokens_per_micro_batch=256 is shorter than data.max_seq_len=512"),
     (["trainer.jobs_per_gpu=0"], "trainer.jobs_per_gpu=0 must be >= 1"),
+    (["trainer.compile_scope=block"], "trainer.compile_scope='block' is not valid; choose one of: layers, model"),
     (["trainer.tokens_per_micro_batch=auto", "trainer.auto_row_lengths=0"], "trainer.auto_row_lengths=0 must be >= 1"),
     (["model.liger_kernels=true", "trainer.device=cpu"], "model.liger_kernels=true runs Liger's Triton kernels, which "
                                                         "need a CUDA GPU"),

@@ -16,7 +16,8 @@
 #   bash benchmarks/study_gpu.sh receive                    carry [".whl", ".study_gpu/<model>/call1"]
 #   bash benchmarks/study_gpu.sh receive                    carry [".study_gpu/<model>/call2"]  ... to callN
 #   bash benchmarks/study_gpu.sh run PRESET [overrides]     (PRESET: study_smollm2, study_smollm2_packed,
-#                                                            study_gemma3, study_gemma3_packed)
+#                                                            study_gemma3, study_gemma3_packed, sharegpt_smollm2)
+#   bash benchmarks/study_gpu.sh speed PRESET [overrides]   (after call1 alone: no GGUF needed)
 # `run` joins and checks the GGUF, installs the wheels, converts the model and tokenises the data (once
 # per machine), then runs `python -m harness -m +experiment=PRESET [overrides]` in
 # /tmp/study_gpu/work/PRESET for at most STUDY_BUDGET_S seconds (default 480; a job still training
@@ -25,6 +26,13 @@
 # log and the per-run summary (wall time, tokens/s, final losses). A store carried back as
 # .study_gpu/store/PRESET_store.tar.gz is restored first when the machine has none, so the same
 # command continues a sweep on a fresh machine: finished jobs are skipped.
+# `speed` measures the preset's workload (docs/performance.md) on the model's architecture with
+# random weights (its config and tokenizer travel in call1; speed does not depend on the weights),
+# each figure by benchmarks/cli_throughput.py from the runs' own time/* metrics: the published
+# settings (16,384-token rows, compile off, sdpa; 24 steps) beside the preset's own (auto rows,
+# compiled per layer, FlexAttention; 150 steps, 6 evaluations, two jobs: the first compiles, the
+# second loads the cache), then 1, 2 and 4 jobs sharing the GPU (hydra/launcher=gpus
+# trainer.jobs_per_gpu=N, N jobs of 40 steps). Logs under $OUT.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 packs="$repo/.study_gpu"
@@ -52,7 +60,11 @@ model, dest = sys.argv[1], sys.argv[2]
 print(gguf_convert.packaged_gguf(model), file=open(f"{dest}/../gguf_path", "w"))
 for notice in gguf_convert.license_files(model):  # the Gemma Terms of Use travel with Gemma's weights
     shutil.copy(notice, dest)
+folder = gguf_convert.converted_folder(gguf_convert.packaged_gguf(model), "~/.cache/reduce-loss-harness")
+arch = f"{dest}/{model}_arch"  # the architecture and tokenizer, without the weights, for `speed`
+shutil.copytree(folder, arch, ignore=shutil.ignore_patterns("*.safetensors"))
 PY
+  tar -czf "$out/call1/${model}_arch.tar.gz" -C "$out/call1" "${model}_arch" && rm -r "$out/call1/${model}_arch"
   gguf=$(cat "$out/gguf_path") && rm "$out/gguf_path"
   work=$(mktemp -d)
   (cd "$work" && split -b "${PIECE_MIB}M" -d -a 2 "$gguf" "$name.piece")
@@ -80,8 +92,8 @@ PY
     echo "$(basename "$call") carries ${extra[*]:+${extra[*]} and }.study_gpu/$model/$(basename "$call"): $((bytes + tree)) bytes with the working tree (limit 67108864)"
   done
   exit 0 ;;
-receive|run) ;;
-*) sed -n '2,30p' "$0"; exit 2 ;;
+receive|run|speed) ;;
+*) sed -n '2,38p' "$0"; exit 2 ;;
 esac
 
 # On the device from here on.
@@ -109,9 +121,35 @@ fi
 [ "$cmd" = receive ] && exit 0
 
 preset=${1:-}; shift || true
-case "$preset" in study_smollm2|study_smollm2_packed) model=smollm2 ;; study_gemma3|study_gemma3_packed) model=gemma3 ;;
-  *) echo "error: run needs a preset: study_smollm2, study_smollm2_packed, study_gemma3 or study_gemma3_packed"; exit 2 ;; esac
+case "$preset" in study_smollm2|study_smollm2_packed|sharegpt_smollm2) model=smollm2 ;;
+  study_gemma3|study_gemma3_packed) model=gemma3 ;;
+  *) echo "error: $cmd needs a preset: study_smollm2, study_smollm2_packed, study_gemma3, study_gemma3_packed or sharegpt_smollm2"
+     exit 2 ;; esac
 name=$(gguf_name "$model")
+out=${OUT:-$store/out}; mkdir -p "$out"
+if [ "$cmd" = speed ]; then
+  [ -f "$store/$DATA_NAME" ] || gunzip -k "$store/$DATA_NAME.gz" || exit 1
+  [ -d "$store/${model}_arch" ] || tar -xzf "$store/${model}_arch.tar.gz" -C "$store" || exit 1
+  nvidia-smi -L
+  work="$store/speed/$preset"; rm -rf "$work"; mkdir -p "$work"
+  args=("+experiment=$preset" model=hf "model.name_or_path=$store/${model}_arch" model.init=random
+        "data.path=$store/$DATA_NAME" "data.cache_dir=$store/cache" "trainer.compile_cache_dir=$store/compile_cache" "$@")
+  measure() {  # label, seconds, overrides...
+    local label=$1 limit=$2; shift 2
+    echo "== $label"
+    timeout --signal=TERM --kill-after=30 "$limit" python3 "$repo/benchmarks/cli_throughput.py" --dir "$work/$label" \
+      "${args[@]}" "$@" > "$out/speed_$label.log" 2>&1
+    tr '\r' '\n' < "$out/speed_$label.log" | grep -v '%|' | sed -n '/ jobs in /,$p'
+  }
+  measure published "${SPEED_PUBLISHED_S:-150}" model.attn_implementation=sdpa trainer.tokens_per_micro_batch=16384 \
+    trainer.compile=false trainer.max_steps=24 trainer.eval_every=12 reduce_loss=mean seed=0
+  measure preset "${SPEED_PRESET_S:-330}" trainer.max_steps=150 trainer.eval_every=25 reduce_loss=mean,sum seed=0
+  for n in ${SPEED_JOBS_PER_GPU:-1 2 4}; do
+    measure "jobs_per_gpu_$n" "${SPEED_SHARED_S:-120}" hydra/launcher=gpus "trainer.jobs_per_gpu=$n" trainer.max_steps=40 \
+      trainer.eval_every=40 reduce_loss=mean "seed=$(seq -s, 0 $((n - 1)))"
+  done
+  exit 0
+fi
 if [ ! -f "$store/$name" ]; then
   pieces=$(awk -v f="$name.piece" 'index($2, f) == 1' "$store/SHA256SUMS" 2>/dev/null | wc -l)
   [ "$pieces" -gt 0 ] || { echo "error: $name's checksums never arrived: carry .study_gpu/$model/call1 first"; exit 1; }
@@ -127,7 +165,6 @@ fi
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-out=${OUT:-$store/out}; mkdir -p "$out"
 work="$store/work/$preset"; mkdir -p "$work"; cd "$work"
 carried="$packs/store/${preset}_store.tar.gz"
 if [ ! -f mlflow.db ] && [ -f "$carried" ]; then

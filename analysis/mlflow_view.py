@@ -20,7 +20,9 @@ from analysis.compute import Results
 
 NOTE_TAG = "mlflow.note.content"
 MAX_CHARS = 8000  # MLflow's limit on a run tag's value
-REPORT = "analysis/report.md"  # the report, as logged to the parent run (analysis/run.py)
+# The report, as logged to the parent run (analysis/run.py): the HTML one, whose plots are embedded, so
+# MLflow's artifact view shows them; its Markdown preview drops every image (MLflow 3.18).
+REPORT = "analysis/report.html"
 PLOT = "analysis/paired_difference.png"
 
 
@@ -123,10 +125,11 @@ def sweep_sections(res: Results) -> list[Section]:
 def report_footer(experiment_id: str, run_id: str, plot: bool = True, plot_path: str = PLOT) -> str:
     """Links to the report and (`plot`) the plot of the differences (`plot_path`) among the run's
     artifacts, relative to the UI's address."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT}"
+    # MLflow's UI takes its view from the address: without this it opens the report in its GenAI view
+    page = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT}?workflowType=machine_learning"
     image = f"get-artifact?path={quote(plot_path, safe='')}&run_uuid={run_id}"
     return ((f"![paired difference per bucket]({image})\n\n" if plot else "") +
-            f"Full report: [{REPORT}]({page}) (plots, tables, setup), also `analysis/report.html` and the "
+            f"Full report: [{REPORT}]({page}) (plots, tables, setup), also `analysis/report.md` and the "
             "tables as CSV among this run's artifacts.")
 
 

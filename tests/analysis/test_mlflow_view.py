@@ -31,7 +31,8 @@ def test_the_description_holds_each_buckets_difference_interval_and_seeds():
     assert first[6] == "yes" and float(first[2]) > 0.2  # the planted effect, found, with its sign
     assert "Above zero: the mode did worse than `mean`" in md
     assert "Share of gradient weight" in md and "#### Clipping" in md
-    assert "[analysis/report.md](#/experiments/1/runs/abc/artifacts/analysis/report.md)" in md
+    assert ("[analysis/report.html](#/experiments/1/runs/abc/artifacts/analysis/report.html"
+            "?workflowType=machine_learning)") in md
     assert "![paired difference per bucket](get-artifact?path=analysis%2Fpaired_difference.png&run_uuid=abc)" in md
 
 

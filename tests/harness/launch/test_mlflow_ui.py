@@ -34,12 +34,30 @@ def _tables_text(driver) -> list[str]:
 def _shot(driver, name: str, scroll_to: str | None = None) -> None:
     if not SHOTS:
         return
+    driver.execute_script("const b = [...document.querySelectorAll('button')]"
+                          ".find(b => b.getAttribute('aria-label') === 'Close'); if (b) b.click();")  # the assistant
     if scroll_to:
         driver.execute_script("const e = [...document.querySelectorAll('h1,h2,h3,h4,span,div')]"
                               ".find(e => e.textContent.trim() === arguments[0]); if (e) e.scrollIntoView();", scroll_to)
         time.sleep(1)
     Path(SHOTS).mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+
+
+def _pick_metrics(driver, names: list[str]) -> None:
+    """In the compare view's parallel-coordinates plot: drop the default metric, pick `names`."""
+    from selenium.webdriver.common.keys import Keys
+    box = driver.find_elements("css selector", "input[role=combobox]")[1]  # Parameters, then Metrics
+    box.click()
+    box.send_keys(Keys.BACKSPACE)
+    for name in names:
+        box.click()
+        box.send_keys(name)
+        wait_for(driver, f"{name} offered", lambda d: any(name in o.text for o in d.find_elements(
+            "css selector", ".du-bois-light-select-item-option")))
+        box.send_keys(Keys.ENTER)
+    box.send_keys(Keys.ESCAPE)
+    driver.execute_script("document.activeElement.blur()")
 
 
 @pytest.mark.slow
@@ -93,9 +111,32 @@ def test_the_printed_link_opens_the_sweeps_runs_and_its_answer(tmp_path):
                                       ".find(e => e.textContent.trim() === 'Show more'); if (b) b.click();")
             _shot(driver, "parent_overview", scroll_to="Description")
 
-            if SHOTS:  # 3. MLflow's compare view of the two children (not checked, only pictured)
-                ids = json.dumps([r.info.run_id for r in children]).replace(" ", "")
-                driver.get(f"{base}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]&workflowType=machine_learning")
-                wait_for(driver, "the compare view", lambda d: "Show diff only" in page_text(d))
-                time.sleep(3)
-                _shot(driver, "compare_children")
+            # 3. the report the description links: MLflow's artifact view shows it with its plots
+            report = driver.execute_script("return [...document.querySelectorAll('a')].find(a => "
+                                           "a.textContent.trim() === 'analysis/report.html').href")
+            driver.get(report)
+            wait_for(driver, "the report in the model-training view", lambda d: "Model metrics" in page_text(d))
+            assert "Evaluation runs" not in page_text(driver)  # not the GenAI view
+            frame = wait_for(driver, "the report's frame", lambda d: d.find_elements("tag name", "iframe"))[0]
+            driver.switch_to.frame(frame)
+            shown = wait_for(driver, "the report's plots", lambda d: [i for i in _images(d, "data:image/png")
+                                                                     if i["complete"] and i["width"] > 100])
+            assert len(shown) == len(list((sweep_dir / "analysis").glob("*.png"))), shown  # every plot of the report
+            driver.switch_to.default_content()
+            _shot(driver, "report")
+
+            # 4. the two children selected and compared: MLflow's parallel-coordinates plot of mode
+            # against each bucket's validation loss, the metrics picked as a user would
+            ids = json.dumps([r.info.run_id for r in children]).replace(" ", "")
+            driver.get(f"{base}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]&workflowType=machine_learning")
+            wait_for(driver, "the compare view", lambda d: "Show diff only" in page_text(d))
+            driver.execute_script("const b = [...document.querySelectorAll('button')]"
+                                  ".find(b => b.getAttribute('aria-label') === 'Close'); if (b) b.click();")  # the assistant
+            buckets = sorted(k for k in children[0].data.metrics if k.startswith("val/token_loss/b"))
+            assert len(buckets) == len(labels), buckets
+            _pick_metrics(driver, buckets)
+            plotted = wait_for(driver, "the parallel-coordinates plot of the buckets",
+                               lambda d: all(b in d.execute_script("return document.querySelector('.js-plotly-plot')"
+                                                                   ".textContent") for b in buckets) and buckets)
+            assert "reduce_loss" in driver.execute_script("return document.querySelector('.js-plotly-plot').textContent")
+            _shot(driver, "compare_children")

@@ -176,6 +176,7 @@ COMMANDS = {
         "writes up to 270 MB under .study_gpu/ and fetches wheels; what it carries is received on a GPU machine"),
     "bash benchmarks/study_gpu.sh receive": NotRun("runs on the GPU machine"),
     "bash benchmarks/study_gpu.sh run study_gemma3": NotRun("needs a GPU machine"),
+    "bash benchmarks/study_gpu.sh speed sharegpt_smollm2 trainer.grad_accum=32": NotRun("needs a GPU machine"),
     # docs/slurm.md
     "python -m harness -m reduce_loss=mean,sum seed=0,1,2 hydra/launcher=slurm hydra.launcher.partition=gpu "
     "hydra.launcher.account=myproject hydra.launcher.timeout_min=240 hydra.launcher.signal_delay_s=300 "

@@ -96,15 +96,20 @@ def training_curves(res: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def loss_over_steps(res: Results, path: Path) -> None:
-    n = len(res.labels)
+def bucket_panels(n: int, sharex: bool = False):
+    """A figure of one panel per bucket, three to a row (spare panels switched off): the figure,
+    the axes grid and the (bucket, axes) pairs."""
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, squeeze=False)
-    for b, ax in enumerate(axes.flat):
-        if b >= n:
-            ax.axis("off")
-            continue
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=sharex, squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes, list(enumerate(axes.flat))[:n]
+
+
+def loss_over_steps(res: Results, path: Path) -> None:
+    fig, axes, panels = bucket_panels(len(res.labels), sharex=True)
+    for b, ax in panels:
         part = res.bucket_losses[res.bucket_losses.bucket == b]
         for mode, p in part.groupby("reduce_loss"):
             ax.plot(p.step, p.token_loss, "o-", color=_color(mode), label=mode, ms=3)

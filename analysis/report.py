@@ -175,6 +175,14 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     setup, said, shown = setup_lines(res), clipping_sentences(res) + sentences(res), _final_tables(res, t)
     absent = absent_sections(res, images)
 
+    write_documents(out, title, setup, said, shown, images, plots.CAPTIONS, list(t), absent)
+
+
+def write_documents(out: Path, title: str, setup: list[tuple[str, str]], said: list[str], shown: dict[str, pd.DataFrame],
+                    images: list[str], captions: dict[str, str], csv_names: list[str],
+                    absent: list[tuple[str, str]] = ()) -> None:
+    """report.md and report.html (the plots embedded) from the same parts: setup lines,
+    findings, tables, sections that are absent and why, plots, the names of the CSV tables."""
     md = [f"# {title}", "", "## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup]
     md += ["", "## Findings", ""] + [f"- {s}" for s in said]
     for caption, df in shown.items():
@@ -184,8 +192,8 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     if images:
         md += ["", "## Plots"]
         for name in images:
-            md += ["", f"![{plots.CAPTIONS.get(name, name)}]({name})", "", f"*{plots.CAPTIONS.get(name, name)}*"]
-    md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in t), ""]
+            md += ["", f"![{captions.get(name, name)}]({name})", "", f"*{captions.get(name, name)}*"]
+    md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in csv_names), ""]
     (out / "report.md").write_text("\n".join(md))
 
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Setup</h2><ul>"]
@@ -198,7 +206,8 @@ def write(res: Results, out: Path, images: list[str]) -> None:
     body += ["<h2>Plots</h2>"] if images else []
     for name in images:
         data = base64.b64encode((out / name).read_bytes()).decode()
-        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(plots.CAPTIONS.get(name, name))}</figcaption></figure>')
+        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                    f'<figcaption>{html.escape(captions.get(name, name))}</figcaption></figure>')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

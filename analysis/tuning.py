@@ -10,13 +10,10 @@ comparison is reported on the validation split it was selected on, and says so e
 
 from __future__ import annotations
 
-import html
-import base64
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis import plots, report
@@ -376,14 +373,8 @@ def sensitivity_plot(t: Tuned, path: Path, suffix: str) -> None:
 
 def sensitivity_by_bucket_plot(t: Tuned, path: Path, bucket_by: str, suffix: str) -> None:
     import matplotlib.pyplot as plt
-    n = len(t.bucket_labels)
-    cols = min(n, 3)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for b, ax in enumerate(axes.flat):
-        if b >= n:
-            ax.axis("off")
-            continue
+    fig, axes, panels = plots.bucket_panels(len(t.bucket_labels))
+    for b, ax in panels:
         part = t.by_bucket[t.by_bucket.bucket == b]
         for mode, p in part.groupby("reduce_loss"):
             ax.errorbar(p.value, p["mean"], yerr=p.sd.fillna(0), fmt="o-", ms=3, capsize=2,
@@ -494,32 +485,7 @@ def write(sweep: Sweep, out: Path, images: list[str]) -> None:
     title = f"How each reduction treats long vs short examples, {kind}" + (
         f" ({', '.join(sweep.caveats)})" if sweep.caveats else "")
     setup, said, shown = _sections(sweep)
-    captions = CAPTIONS | plots.CAPTIONS
-    md = [f"# {title}", "", "## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup]
-    md += ["", "## Findings", ""] + [f"- {s}" for s in said]
-    for caption, df in shown.items():
-        md += ["", f"## {caption}", "", df.to_markdown(index=df.index.name is not None)]
-    if images:
-        md += ["", "## Plots"]
-        for name in images:
-            md += ["", f"![{captions.get(name, name)}]({name})", "", f"*{captions.get(name, name)}*"]
-    md += ["", "Tables as CSV: " + ", ".join(f"`{n}.csv`" for n in csv), ""]
-    (out / "report.md").write_text("\n".join(md))
-
-    body = [f"<h1>{html.escape(title)}</h1>", "<h2>Setup</h2><ul>"]
-    body += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in setup] + ["</ul>"]
-    body += ["<h2>Findings</h2><ul>"] + [f"<li>{html.escape(s)}</li>" for s in said] + ["</ul>"]
-    for caption, df in shown.items():
-        body += [f"<h2>{html.escape(caption)}</h2>", df.to_html(border=0, index=df.index.name is not None)]
-    body += ["<h2>Plots</h2>"] if images else []
-    for name in images:
-        data = base64.b64encode((out / name).read_bytes()).decode()
-        body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                    f'<figcaption>{html.escape(captions.get(name, name))}</figcaption></figure>')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                     f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    report.write_documents(out, title, setup, said, shown, images, CAPTIONS | plots.CAPTIONS, list(csv))
 
 
 def log_to_parent(client, parent: str, sweep: Sweep) -> None:

@@ -43,3 +43,25 @@ def test_the_model_scope_compiles_the_whole_transformer():
     CausalLMLoss(model, chunk_tokens=16).compile_model("model", backend="aot_eager")
     assert model.model._compiled_call_impl is not None
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+
+def test_flex_attention_in_compiled_layers_does_not_recompile_when_the_packing_changes():
+    """Packed rows of one length but different documents: the document mask is built outside the
+    compiled layers (a new block mask every step) and passed into them; Dynamo must not compile
+    again for each new mask. Forward only: FlexAttention has no backward on the CPU (the GPU
+    tests run the compiled step with FlexAttention forward and backward)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = tiny_model(dtype=torch.float32, vocab=64, hidden=32, heads=4)
+    model.set_attn_implementation("flex_attention")
+    loss_model = CausalLMLoss(model, chunk_tokens=64)
+    loss_model.compile_model(backend="aot_eager")
+    graphs = []
+    for seed, lengths in enumerate([[40, 60, 28], [100, 28], [9, 30, 50, 39]]):
+        batch = pack(make_examples(lengths, seed=seed, vocab=64), 128, pad_id=0, fixed_length=True)
+        with torch.no_grad():
+            loss_model(batch.input_ids, batch.position_ids, batch.targets, torch.ones(batch.targets.shape),
+                       batch.target_index)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 2, graphs
+    torch._dynamo.reset()

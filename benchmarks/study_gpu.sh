@@ -32,7 +32,9 @@
 # settings (16,384-token rows, compile off, sdpa; 24 steps) beside the preset's own (auto rows,
 # compiled per layer, FlexAttention; 150 steps, 6 evaluations, two jobs: the first compiles, the
 # second loads the cache), then 1, 2 and 4 jobs sharing the GPU (hydra/launcher=gpus
-# trainer.jobs_per_gpu=N, N jobs of 40 steps). Logs under $OUT.
+# trainer.jobs_per_gpu=N, N jobs of 40 steps). Logs under $OUT. SPEED_PARTS picks some of
+# `published preset shared` (all three take more than one 10-minute call: SPEED_PARTS="published
+# preset" in one, SPEED_PARTS=shared in the next, on the same warm machine: the compile cache stays).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 packs="$repo/.study_gpu"
@@ -141,10 +143,12 @@ if [ "$cmd" = speed ]; then
       "${args[@]}" "$@" > "$out/speed_$label.log" 2>&1
     tr '\r' '\n' < "$out/speed_$label.log" | grep -v '%|' | sed -n '/ jobs in /,$p'
   }
-  measure published "${SPEED_PUBLISHED_S:-150}" model.attn_implementation=sdpa trainer.tokens_per_micro_batch=16384 \
-    trainer.compile=false trainer.max_steps=24 trainer.eval_every=12 reduce_loss=mean seed=0
-  measure preset "${SPEED_PRESET_S:-330}" trainer.max_steps=150 trainer.eval_every=25 reduce_loss=mean,sum seed=0
-  for n in ${SPEED_JOBS_PER_GPU:-1 2 4}; do
+  parts=" ${SPEED_PARTS:-published preset shared} "  # a call runs at most 10 minutes: two calls, split here
+  [[ $parts == *" published "* ]] && measure published "${SPEED_PUBLISHED_S:-120}" model.attn_implementation=sdpa \
+    trainer.tokens_per_micro_batch=16384 trainer.compile=false trainer.max_steps=24 trainer.eval_every=12 reduce_loss=mean seed=0
+  [[ $parts == *" preset "* ]] && measure preset "${SPEED_PRESET_S:-420}" trainer.max_steps=150 trainer.eval_every=25 \
+    reduce_loss=mean,sum seed=0
+  [[ $parts == *" shared "* ]] && for n in ${SPEED_JOBS_PER_GPU:-1 2 4}; do
     measure "jobs_per_gpu_$n" "${SPEED_SHARED_S:-120}" hydra/launcher=gpus "trainer.jobs_per_gpu=$n" trainer.max_steps=40 \
       trainer.eval_every=40 reduce_loss=mean "seed=$(seq -s, 0 $((n - 1)))"
   done

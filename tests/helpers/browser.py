@@ -11,9 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
-
-from tests.helpers.mlflow_server import free_port
+from tests.helpers.mlflow_server import free_port, wait_until_up
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -43,16 +41,7 @@ def mlflow_ui(store_uri: str, log_file: Path, startup_s: float = 90):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            try:
-                if requests.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not start: {log_file.read_text()[-2000:]}")
-            time.sleep(0.3)
+        wait_until_up(base, proc, log_file, startup_s, "mlflow ui")
         yield base
     finally:
         if proc.poll() is None:

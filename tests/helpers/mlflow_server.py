@@ -29,20 +29,26 @@ def mlflow_server(folder: Path, startup_s: float = 120):
          "--artifacts-destination", str(folder / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            try:
-                if requests.get(uri + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_up(uri, proc, folder / "server.log", startup_s, "mlflow server")
         yield uri, proc
     finally:
         stop(proc)
         log.close()
+
+
+def wait_until_up(base: str, proc: subprocess.Popen, log_file: Path, startup_s: float, what: str) -> None:
+    """Poll `base`/health until the MLflow process `proc` answers; fail with its log's tail if
+    it exits or `startup_s` pass first."""
+    deadline = time.monotonic() + startup_s
+    while True:
+        try:
+            if requests.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {log_file.read_text()[-2000:]}")
+        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -61,19 +61,33 @@ def _gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """Write the GGUF file; returns its path."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(_config())
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny llama")
+def _writer(path: Path, architecture: str, name: str, c) -> "gguf.GGUFWriter":
+    """A GGUF writer with the shape every architecture's file states, from the config `c`."""
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_name(name)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+    return w
+
+
+def _write_out(w: "gguf.GGUFWriter", path: Path) -> Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """Write the GGUF file; returns its path."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config())
+    c = model.config
+    w = _writer(path, "llama", "tiny llama", c)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
@@ -96,11 +110,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
                          raw_dtype=GGMLQuantizationType.Q4_1)
         else:
             w.add_tensor(name, tensor)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _write_out(w, path)
 
 
 def expected_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -164,14 +174,7 @@ def write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> Path:
     model = _gemma_model(seed)
     c = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_name("tiny gemma 3")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = _writer(path, "gemma3", "tiny gemma 3", c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -199,11 +202,7 @@ def write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> Path:
             w.add_tensor(name, tensor + 1)  # llama.cpp stores Gemma's norms as 1 + weight
         else:
             w.add_tensor(name, quants.quantize(tensor, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _write_out(w, path)
 
 
 def expected_gemma3_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

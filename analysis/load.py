@@ -177,6 +177,13 @@ def parent_swept_keys(uri: str, parent_run_id: str | None) -> list[str]:
     return [k.lstrip("+~") for k in tag.split(",") if k]
 
 
+def _per_example(path: Path, run_name: str) -> pd.DataFrame:
+    """A run's per-example losses (artifacts.EVAL_COLUMNS) from one of its eval files, all finite."""
+    df = pd.read_parquet(path, columns=artifacts.EVAL_COLUMNS)
+    _require_finite(df, ["loss_sum", "loss_mean"], run_name, f"{artifacts.EVAL_DIR}/{path.name}")
+    return df
+
+
 def _read_artifacts(client: MlflowClient, run_id: str, folder: str, dest: Path) -> list[Path]:
     try:
         local = client.download_artifacts(run_id, folder, str(dest))
@@ -210,16 +217,9 @@ def load(uri: str, runs: pd.DataFrame) -> RunData:
             if not steps:
                 raise AnalysisError(f"run {run_id} has no per-example validation artifacts "
                                     f"({artifacts.EVAL_DIR}/{artifacts.eval_file(0).replace('00000000', '*')})")
-            for step, f in steps:
-                df = pd.read_parquet(f, columns=artifacts.EVAL_COLUMNS)
-                _require_finite(df, ["loss_sum", "loss_mean"], names[run_id], f"{artifacts.EVAL_DIR}/{f.name}")
-                df["run_id"], df["step"] = run_id, step
-                evals.append(df)
-            for f in files:
-                if f.name == artifacts.TEST_EVAL:  # the test split (schema 2 on)
-                    df = pd.read_parquet(f, columns=artifacts.EVAL_COLUMNS)
-                    _require_finite(df, ["loss_sum", "loss_mean"], names[run_id], f"{artifacts.EVAL_DIR}/{f.name}")
-                    tests.append(df.assign(run_id=run_id))
+            evals += [_per_example(f, names[run_id]).assign(run_id=run_id, step=step) for step, f in steps]
+            tests += [_per_example(f, names[run_id]).assign(run_id=run_id)
+                      for f in files if f.name == artifacts.TEST_EVAL]  # the test split (schema 2 on)
             for f in _read_artifacts(client, run_id, artifacts.TRAIN_DIR, Path(tmp) / run_id / "t"):
                 if f.name == artifacts.GRAD_WEIGHT_FILE:
                     df = pd.read_parquet(f, columns=artifacts.GRAD_WEIGHT_COLUMNS)

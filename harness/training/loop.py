@@ -158,7 +158,7 @@ def physical_split(cfg, data: PreparedData, world: distributed.World) -> tuple[S
     t = cfg.trainer
     if t.tokens_per_micro_batch != "auto":
         return Split(t.grad_accum, t.world_size, t.tokens_per_micro_batch), None
-    longest = max(e.seq_len for part in (data.train, data.val, getattr(data, "test", None) or []) for e in part)
+    longest = max(e.seq_len for part in (data.train, data.val, data.test) for e in part)
     planned = training_order(len(data.train), t.batch_size, PLANNED_STEPS, seed=0)
     rows = choose_rows(data.train, planned, Split(t.grad_accum, t.world_size), world.size, longest=longest,
                        most=t.max_tokens_per_micro_batch, short_rows=t.auto_row_lengths - 1)

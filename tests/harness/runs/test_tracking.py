@@ -5,7 +5,8 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from harness.runs.tracking import SWEPT_KEYS_TAG, run_name, swept_keys
+from harness.artifacts import TAG_SWEPT_KEYS
+from harness.runs.tracking import run_name, swept_keys
 from tests.helpers.store import new_store
 
 
@@ -21,7 +22,7 @@ def test_run_names_carry_the_other_swept_values_so_they_never_repeat(tmp_path):
     mlflow.set_tracking_uri(new_store(tmp_path / "mlflow.db"))
     client = MlflowClient()
     exp = client.create_experiment("e")
-    parent = client.create_run(exp, tags={SWEPT_KEYS_TAG: "reduce_loss,+experiment,trainer.lr"}).info.run_id
+    parent = client.create_run(exp, tags={TAG_SWEPT_KEYS: "reduce_loss,+experiment,trainer.lr"}).info.run_id
     names = {run_name(mode, 0, [f"reduce_loss={mode}", "seed=0", f"+experiment={e}", f"trainer.lr={lr}",
                                 "trainer.max_steps=6"], parent)
              for mode in ("mean", "sum") for e in ("a", "b") for lr in ("0.1", "0.2")}

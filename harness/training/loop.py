@@ -311,8 +311,10 @@ def record_failure_before_run(cfg, parent_run_id: str | None, error: BaseExcepti
     tags = {artifacts.TAG_MODE: str(cfg.reduce_loss), artifacts.TAG_SEED: str(cfg.seed)}
     tracker.start(cfg.tracking, run_name(cfg.reduce_loss, cfg.seed, job_overrides(), parent_run_id), tags,
                   parent_run_id)
-    tracker.params(flat_params(cfg))
-    tracker.end(error)
+    try:
+        tracker.params(flat_params(cfg))
+    finally:  # never left RUNNING, whatever logging the params does
+        tracker.end(error)
     return tracker.run_id
 
 

@@ -8,6 +8,7 @@ import pytest
 from harness.data.batching import Example
 from harness.data.chat_format import IGNORE
 from harness.data.data_order import training_order
+from harness.data.tokenise import PreparedData
 from harness.distributed import World
 from harness.training.reduction import MODES
 from harness.training.step import (MAX_SHORT_ROWS, ROW_FILL_TARGET, Split, choose_rows, fitting_length, plan_step)
@@ -171,13 +172,12 @@ def test_every_job_of_a_sweep_over_seeds_and_lengths_gets_the_same_rows():
     """Rows are planned on seed 0's order, whatever the run's seed and max_steps: a sweep over seeds,
     modes or learning rates compiles them once. (On this data each seed's own order would choose
     other rows: checked first, so the test can tell.)"""
-    from types import SimpleNamespace
 
     from omegaconf import OmegaConf
 
     from harness.training.loop import physical_split
     from harness.training.step import PLANNED_STEPS
-    data = SimpleNamespace(train=of_lengths(long_reply_lengths(400)), val=of_lengths([900]))
+    data = PreparedData(train=of_lengths(long_reply_lengths(400)), val=of_lengths([900]))
     own = {seed: choose_rows(data.train, training_order(400, 32, PLANNED_STEPS, seed), Split(1), 1,
                              longest=max(e.seq_len for e in data.train), most=32768).lengths for seed in (0, 1)}
     assert own[0] != own[1]

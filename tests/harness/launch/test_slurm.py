@@ -77,6 +77,7 @@ def _freeze_after_step(cluster, sweep: Path, job_id: str, launch, step: int = 2)
         done = [int(k) for k in re.findall(rf"\| *(\d+)/{STEPS} \[", _job_log(sweep, job_id))]
         return True if done and max(done) >= step else None
     wait_for(f"{job_id}'s step {step}", past_step, launch, timeout_s=120)
+    assert tasks and any(Path(f"/proc/{pid}").exists() for pid in tasks), f"{job_id} ended before it could be stopped"
     for pid in tasks:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
@@ -107,6 +108,14 @@ def _job_log(sweep: Path, job_id: str) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit" / job_id).glob("*_log.*")))
 
 
+def _held_array(cluster, sweep: Path) -> str | None:
+    for folder in sweep.glob(".submitit/*/*_submission.sh"):
+        array = folder.parent.name
+        if "JobHeldUser" in cluster.run("squeue", "-h", "-j", array, "-o", "%r", check=False):
+            return array
+    return None
+
+
 def _assert_sweep(cwd: Path, launch_out: str, modes_seeds: list[tuple[str, int]], analysed: bool = True) -> pd.DataFrame:
     """One parent FINISHED, every child FINISHED under it and paired, each step logged once, the
     analysis written once (where `analysed`) and the summary printed by the launching process;
@@ -131,7 +140,10 @@ def test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_li
     """Two sweeps at once. `paired` (mean, sum x seeds 0, 1): one job array; its job sum-seed1 is
     sent `scontrol requeue` mid-run. `limited` (sum x seeds 0, 1): its job sum-seed0 reaches its
     time limit mid-run and gets the signal of `--signal`. Each interrupted run is compared with
-    the same job, uninterrupted, in the other sweep."""
+    the same job, uninterrupted, in the other sweep. `limited` is submitted held: its job sum-seed0
+    is released once the requeue is done (these jobs train 24 steps in seconds and would otherwise
+    end unwatched), sum-seed1 once sum-seed0 has been signalled (a task stopped for a minute may
+    hold the SQLite store's lock, which a job starting meanwhile waits for only 5 s)."""
     cluster = slurm_cluster
     paired, limited = tmp_path / "paired", tmp_path / "limited"
     for cwd in (paired, limited):
@@ -140,6 +152,7 @@ def test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_li
     launches = {paired: start_sweep(["-m", "reduce_loss=mean,sum", "seed=0,1", *SLURM, "trainer.checkpoint_every=0"],
                                     paired),
                 limited: start_sweep(["-m", "reduce_loss=sum", "seed=0,1", *SLURM, "trainer.checkpoint_every=0",
+                                      "+hydra.launcher.additional_parameters.hold=true",
                                       "hydra.callbacks.sweep_tracking.analyse=false"], limited)}  # one mode: nothing to compare
     try:
         # scontrol requeue: SLURM sends SIGTERM, kills the job KillWait later, and starts it again
@@ -156,6 +169,8 @@ def test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_li
         # waits), its limit shortened to 2 minutes (within the 120 s lead time), and continued
         # once the signal waits for it: the signal arrives mid-run.
         client = _client(limited)
+        array = wait_for("the held job array", lambda: _held_array(cluster, limited / "sweep"), launches[limited])
+        cluster.run("scontrol", "release", f"{array}_0")  # sum-seed0 (job #0) alone
         timed, timed_run = wait_for("sum-seed0's run", lambda: _job_of(limited / "sweep", "sum-seed0"),
                                     launches[limited])
         tasks = _freeze_after_step(cluster, limited / "sweep", timed, launches[limited])
@@ -164,6 +179,7 @@ def test_a_paired_sweep_runs_as_a_job_array_and_survives_requeue_and_the_time_li
         wait_for("sum-seed0 KILLED", _status(client, timed_run, "KILLED"), launches[limited], timeout_s=60)
         # the requeued job gets its time back (else the same signal would come again at its start)
         cluster.run("scontrol", "update", f"JobId={timed}", "TimeLimit=5")
+        cluster.run("scontrol", "release", f"{array}_1")
     finally:
         returncodes = {cwd: _ended(proc) for cwd, proc in launches.items()}
     elapsed = time.monotonic() - started
@@ -226,14 +242,6 @@ def test_a_cancelled_job_ends_killed_and_the_same_command_trains_only_what_is_mi
 def _conversations(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"question {i} " + "x" * (i % 7)},
                           {"role": "assistant", "content": f"answer {i} " + "y" * (i * 13 % 40)}]} for i in range(n)]
-
-
-def _held_array(cluster, sweep: Path) -> str | None:
-    for folder in sweep.glob(".submitit/*/*_submission.sh"):
-        array = folder.parent.name
-        if "JobHeldUser" in cluster.run("squeue", "-h", "-j", array, "-o", "%r", check=False):
-            return array
-    return None
 
 
 def test_a_job_that_fails_is_named_and_the_others_finish(slurm_cluster, tmp_path):

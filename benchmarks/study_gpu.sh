@@ -32,9 +32,12 @@
 # settings (16,384-token rows, compile off, sdpa; 24 steps) beside the preset's own (auto rows,
 # compiled per layer, FlexAttention; 150 steps, 6 evaluations, two jobs: the first compiles, the
 # second loads the cache), then 1, 2 and 4 jobs sharing the GPU (hydra/launcher=gpus
-# trainer.jobs_per_gpu=N, N jobs of 40 steps). Logs under $OUT. SPEED_PARTS picks some of
-# `published preset shared` (all three take more than one 10-minute call: SPEED_PARTS="published
-# preset" in one, SPEED_PARTS=shared in the next, on the same warm machine: the compile cache stays).
+# trainer.jobs_per_gpu=N, N jobs of 40 steps). `mfu` (not in the default list) times the Qwen2.5-0.5B
+# shape on the embedded data through `python -m harness` in every mode (128 x 2, auto rows) beside
+# HF Trainer + Liger (benchmarks/gpu_throughput.py's trainer-liger row; Liger's wheel is in .whl/).
+# Logs under $OUT. SPEED_PARTS picks some of `published preset shared mfu` (they take more than one
+# 10-minute call: SPEED_PARTS="published preset" in one, "shared mfu" in the next, on the same warm
+# machine: the compile cache stays).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 packs="$repo/.study_gpu"
@@ -79,11 +82,12 @@ PY
   (cd "$out" && for f in call*/*; do [ "$(basename "$f")" = SHA256SUMS ] || sha256sum "$f" | sed "s| call[0-9]*/| |"; done) \
     >> "$out/call1/SHA256SUMS"
   wheelhouse=${WHEELHOUSE:-$repo/../shared/gpu/wheelhouse.sh}
-  if [ -d .whl ] && ls .whl/mlflow-*.whl .whl/gguf-*.whl .whl/hydra_joblib_launcher-*.whl >/dev/null 2>&1; then
+  if [ -d .whl ] && ls .whl/mlflow-*.whl .whl/gguf-*.whl .whl/hydra_joblib_launcher-*.whl .whl/liger_kernel-*.whl >/dev/null 2>&1; then
     echo ".whl/ is there already"
   elif [ -x "$wheelhouse" ]; then
     mapfile -t deps < <(python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))")
-    "$wheelhouse" "${deps[@]}" 'gguf>=0.10' 'hydra-joblib-launcher>=1.2'  # the launcher: hydra/launcher=gpus
+    # the launcher: hydra/launcher=gpus; Liger (it needs torch: no dependencies): the `mfu` part's HF Trainer row
+    NODEPS=liger-kernel "$wheelhouse" "${deps[@]}" 'gguf>=0.10' 'hydra-joblib-launcher>=1.2' 'liger-kernel==0.8.5'
   else
     echo "no wheelhouse script at $wheelhouse: build .whl/ with the project's dependencies and gguf yourself"
   fi
@@ -152,6 +156,16 @@ if [ "$cmd" = speed ]; then
     measure "jobs_per_gpu_$n" "${SPEED_SHARED_S:-120}" hydra/launcher=gpus "trainer.jobs_per_gpu=$n" trainer.max_steps=40 \
       trainer.eval_every=40 reduce_loss=mean "seed=$(seq -s, 0 $((n - 1)))"
   done
+  if [[ $parts == *" mfu "* ]]; then
+    python3 "$repo/benchmarks/cli_throughput.py" --write-model "qwen0.5b:$store/qwen0.5b" > /dev/null
+    args=(model=hf "model.name_or_path=$store/qwen0.5b" model.init=random data.num_train=8192 trainer.batch_size=128
+          trainer.grad_accum=2 trainer.tokens_per_micro_batch=auto "trainer.compile_cache_dir=$store/compile_cache")
+    measure mfu_cli "${SPEED_MFU_S:-300}" trainer.max_steps=60 trainer.eval_every=60 reduce_loss=mean,sum,token_mean,seq_mean
+    echo "== mfu_trainer_liger"
+    timeout --signal=TERM --kill-after=30 "${SPEED_LIGER_S:-180}" python3 "$repo/benchmarks/gpu_throughput.py" --model qwen0.5b \
+      --data embedded --rounds 1 --skip harness,plain,trainer-pad,trainer-flat > "$out/speed_mfu_trainer_liger.log" 2>&1
+    sed -n '/^summary/,$p' "$out/speed_mfu_trainer_liger.log"
+  fi
   exit 0
 fi
 if [ ! -f "$store/$name" ]; then

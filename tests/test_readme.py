@@ -189,6 +189,7 @@ COMMANDS = {
         NotRun("needs a SLURM cluster with GPUs; a job of two gloo ranks runs as two SLURM tasks in "
                "tests/harness/launch/test_slurm.py::test_a_job_of_two_ranks_runs_as_two_slurm_tasks_as_under_the_local_launcher"),
     "python -m pytest -m slurm": NotRun("the SLURM tests of this suite (tests/harness/launch/test_slurm.py)"),
+    "python -m pytest -m gpu tests/harness/training": NotRun("the GPU tests of this suite: they need CUDA"),
 }
 
 

@@ -31,11 +31,16 @@ def _tables_text(driver) -> list[str]:
     return driver.execute_script("return [...document.querySelectorAll('table')].map(t => t.textContent)")
 
 
+def _close_assistant(driver) -> None:
+    """Close the UI's assistant panel, where it is open: it covers part of the page."""
+    driver.execute_script("const b = [...document.querySelectorAll('button')]"
+                          ".find(b => b.getAttribute('aria-label') === 'Close'); if (b) b.click();")
+
+
 def _shot(driver, name: str, scroll_to: str | None = None) -> None:
     if not SHOTS:
         return
-    driver.execute_script("const b = [...document.querySelectorAll('button')]"
-                          ".find(b => b.getAttribute('aria-label') === 'Close'); if (b) b.click();")  # the assistant
+    _close_assistant(driver)
     if scroll_to:
         driver.execute_script("const e = [...document.querySelectorAll('h1,h2,h3,h4,span,div')]"
                               ".find(e => e.textContent.trim() === arguments[0]); if (e) e.scrollIntoView();", scroll_to)
@@ -130,8 +135,7 @@ def test_the_printed_link_opens_the_sweeps_runs_and_its_answer(tmp_path):
             ids = json.dumps([r.info.run_id for r in children]).replace(" ", "")
             driver.get(f"{base}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]&workflowType=machine_learning")
             wait_for(driver, "the compare view", lambda d: "Show diff only" in page_text(d))
-            driver.execute_script("const b = [...document.querySelectorAll('button')]"
-                                  ".find(b => b.getAttribute('aria-label') === 'Close'); if (b) b.click();")  # the assistant
+            _close_assistant(driver)
             buckets = sorted(k for k in children[0].data.metrics if k.startswith("val/token_loss/b"))
             assert len(buckets) == len(labels), buckets
             _pick_metrics(driver, buckets)

@@ -109,8 +109,8 @@ def _job_log(sweep: Path, job_id: str) -> str:
 
 
 def _held_array(cluster, sweep: Path) -> str | None:
-    for folder in sweep.glob(".submitit/*/*_submission.sh"):
-        array = folder.parent.name
+    for script in sweep.glob(".submitit/*/*_submission.sh"):
+        array = script.parent.name
         if "JobHeldUser" in cluster.run("squeue", "-h", "-j", array, "-o", "%r", check=False):
             return array
     return None

@@ -43,7 +43,7 @@ def missing() -> str | None:
     """Why no cluster can start here, in one line; None when it can."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "needs root to run a SLURM cluster (slurmd, munged, MariaDB)"
-    absent = [p for p in PROGRAMS if shutil.which(p, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    absent = [p for p in PROGRAMS if _which(p) is None]
     if absent:
         return f"needs {', '.join(absent)}: apt-get install --no-install-recommends {PACKAGES}"
     return None
